@@ -1,0 +1,164 @@
+"""The optimiser: exactness against brute force, the paper's algorithm, constraints, confidences."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from VertebraIDLib.anatomy import LabelSet
+from VertebraIDLib.errors import VertebraIDError
+from VertebraIDLib.optimize import (
+    EnergyModel,
+    EnergyParams,
+    FixedLevel,
+    build_energy,
+    chain_confidence,
+    marginals,
+    solve_exact,
+    solve_order,
+    solve_paper,
+)
+
+SMALL_LABELS = LabelSet(("C3", "C4", "C5", "C6"))
+
+
+def small_model(seed: int, z: int = 16, gap_min: int = 2, gap_max: int = 6, temperature: float = 2.0) -> EnergyModel:
+    rng = np.random.default_rng(seed)
+    unary = rng.normal(0.0, 6.0, size=(len(SMALL_LABELS), z))
+    # 4 mm samples: the shortest gaps (8 mm) fall below half the cervical typical gap and are
+    # forbidden, so the brute force also checks the per-level gap bounds.
+    return EnergyModel(unary, SMALL_LABELS, gap_min, gap_max, EnergyParams(temperature=temperature), step_mm=4.0)
+
+
+def all_chains(model: EnergyModel):
+    """Every labelled chain the energy admits (consecutive levels, gaps within bounds)."""
+    n, z = model.unary.shape
+    yield [], []
+    for start in range(n):
+        for length in range(1, n - start + 1):
+            levels = list(range(start, start + length))
+            for first in range(z):
+                for gaps in itertools.product(range(model.gap_min, model.gap_max + 1), repeat=length - 1):
+                    ks = np.cumsum([first, *gaps])
+                    if ks[-1] < z:
+                        yield levels, list(ks)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_exact_finds_the_brute_force_minimum(seed):
+    model = small_model(seed)
+    energies = [model.chain_energy(lv, ks) if lv else 0.0 for lv, ks in all_chains(model)]
+    chain = solve_exact(model)
+    assert chain.energy == pytest.approx(min(energies), abs=1e-3)
+    if chain.levels:
+        assert model.chain_energy(chain.levels, chain.positions) == pytest.approx(chain.energy, abs=1e-3)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_marginals_match_brute_force_gibbs_distribution(seed):
+    model = small_model(seed, z=12, temperature=4.0)
+    prob = np.zeros_like(model.unary)
+    total = 0.0
+    for levels, ks in all_chains(model):
+        e = model.chain_energy(levels, ks) if levels else 0.0
+        w = np.exp(-e / model.params.temperature)
+        total += w
+        for lvl, k in zip(levels, ks):
+            prob[lvl, k] += w
+    prob /= total
+    assert np.allclose(marginals(model), prob, atol=1e-6)
+
+
+def test_fixed_level_is_obeyed_and_others_follow():
+    model = small_model(1)
+    free = solve_exact(model)
+    pin = FixedLevel(level=2, position=9)
+    chain = solve_exact(model, [pin])
+    assert 2 in chain.levels and chain.positions[chain.levels.index(2)] == 9
+    assert chain.energy >= free.energy - 1e-6
+    probs = marginals(model, [pin])
+    assert probs[2, 9] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_contradictory_fixed_levels_are_a_clear_error():
+    model = small_model(2)
+    with pytest.raises(VertebraIDError):
+        solve_exact(model, [FixedLevel(0, 10), FixedLevel(1, 4)])  # C3 below C4: order violated
+
+
+def _peaks_signal(z: int, centres: dict[int, float], sigma: float = 2.0) -> np.ndarray:
+    """26 channels with unit-height Gaussian peaks: channel -> position (samples)."""
+    signals = np.zeros((z, 26))
+    k = np.arange(z)
+    for c, mu in centres.items():
+        signals[:, c] += np.exp(-0.5 * ((k - mu) / sigma) ** 2)
+    return signals
+
+
+def test_chain_bridges_a_missing_vertebra_and_stops_at_the_field_of_view():
+    # T5..T12 every 12 samples (24 mm at 2 mm), T9 missing entirely.
+    centres = {c: 10 + 12 * i for i, c in enumerate(range(11, 19)) if c != 15}
+    signals = _peaks_signal(110, centres)
+    model = build_energy(signals, LabelSet.standard(), 2.0)
+    chain = solve_exact(model)
+    names = [model.labels.levels[lvl] for lvl in chain.levels]
+    assert names == [f"T{i}" for i in range(5, 13)]
+    t9 = chain.positions[names.index("T9")]
+    assert abs(t9 - (10 + 12 * 4)) <= 2
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_exact_is_never_worse_than_the_papers_algorithm(seed):
+    rng = np.random.default_rng(seed)
+    first = int(rng.integers(0, 18))
+    centres = {c: 8 + 13 * i + rng.normal(0, 1.5) for i, c in enumerate(range(first, min(26, first + 8)))}
+    signals = _peaks_signal(120, centres) * rng.uniform(0.3, 1.0, size=26)
+    signals += rng.normal(0, 0.05, size=signals.shape)
+    # label confusion: a channel also fires one vertebra away
+    c = int(rng.choice(list(centres)))
+    signals[:, c] += 0.8 * _peaks_signal(120, {c: centres[c] + 13})[:, c]
+    model = build_energy(signals, LabelSet.standard(), 2.0)
+    combined = signals.sum(axis=1)
+    exact, paper = solve_exact(model), solve_paper(model, combined)
+    assert exact.energy <= paper.energy + 1e-6
+    assert solve_order(model, combined).levels is not None
+
+
+def test_transitional_level_used_only_when_the_evidence_asks_for_it():
+    # Five lumbar-looking peaks after T12 (L1..L5 channels all fire on each): without the
+    # transitional option they are L1..L5; with it an L6 needs its own evidence.
+    lumbar = list(range(19, 24))
+    signals = _peaks_signal(140, {18: 10})
+    for i in range(6):
+        for c in lumbar:
+            signals[:, c] += _peaks_signal(140, {c: 27 + 17 * i})[:, c]
+    plain = build_energy(signals, LabelSet.standard(), 2.0)
+    names = [plain.labels.levels[lvl] for lvl in solve_exact(plain).levels]
+    assert names[:6] == ["T12", "L1", "L2", "L3", "L4", "L5"]
+    transitional = build_energy(signals, LabelSet.standard(transitional=True), 2.0)
+    names_t = [transitional.labels.levels[lvl] for lvl in solve_exact(transitional).levels]
+    assert names_t == ["T12", "L1", "L2", "L3", "L4", "L5", "L6"]
+
+
+def test_confidence_is_a_probability_and_lower_for_ambiguous_labels():
+    clean = _peaks_signal(110, {c: 10 + 12 * i for i, c in enumerate(range(11, 19))})
+    model = build_energy(clean, LabelSet.standard(), 2.0)
+    chain = solve_exact(model)
+    conf = chain_confidence(marginals(model), chain, radius=4)
+    assert all(0.0 <= c <= 1.0 for c in conf)
+    assert min(conf) > 0.9
+    # every thoracic channel fires on every vertebra: the labels are a guess
+    ambiguous = np.zeros_like(clean)
+    for i in range(8):
+        ambiguous[:, 8:19] += _peaks_signal(110, {0: 10 + 12 * i})[:, [0]]
+    model_a = build_energy(ambiguous, LabelSet.standard(), 2.0)
+    chain_a = solve_exact(model_a)
+    conf_a = chain_confidence(marginals(model_a), chain_a, radius=4)
+    assert max(conf_a) < 0.6
+
+
+def test_empty_signals_give_no_vertebrae():
+    model = build_energy(np.zeros((50, 26)), LabelSet.standard(), 2.0)
+    assert solve_exact(model).levels == []
+    assert solve_paper(model, np.zeros(50)).levels == []

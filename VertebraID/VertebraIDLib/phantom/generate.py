@@ -1,0 +1,503 @@
+"""One phantom: draw a patient and a scan from the seed, build the anatomy, render, and return
+the CT with its label mask and ground truth (exactly the rendered body centres)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..anatomy import LABEL_IDS
+from ..errors import VertebraIDError
+from ..vertebrae import Vertebra
+from ..volume import Volume
+from . import conditions as cond
+from . import skeleton as sk
+from . import soft_tissue as soft
+from .morphometry import FEMALE_SCALE, LevelDims, level_dims
+from .options import MAX_VOXELS, PATHOLOGIES, PhantomOptions, level_chain
+from .render import F32, Grid, composite
+from .spine_shape import Curvature, ScoliosisCurve, Segment, SpineShape, build_spine
+
+GENERATOR_VERSION = 1
+HU_MIN = -1024
+
+
+@dataclass
+class Phantom:
+    """A synthetic CT: HU image, VerSe label mask, ground truth (RAS mm) and what was drawn."""
+
+    ct: Volume
+    mask: Volume
+    truth: list[Vertebra]
+    meta: dict
+    body_mask: Volume | None = None  # vertebral bodies only, project label ids (with_body_mask)
+
+
+@dataclass
+class _Patient:
+    sex: str
+    age: float
+    size: float
+    transitional: str
+    pathologies: tuple
+    curvature: Curvature
+    scoliosis: list = field(default_factory=list)
+    fractures: dict = field(default_factory=dict)
+    density: sk.BoneDensity = field(default_factory=sk.BoneDensity)
+    habitus: soft.Habitus = field(default_factory=soft.Habitus)
+    screw_levels: list = field(default_factory=list)
+    prosthesis_sides: tuple = ()
+    pelvic_tilt: float = 0.0
+
+
+# --------------------------------------------------------------------------- drawing the patient
+
+
+_RANDOM_PATHOLOGY_PROB = {
+    "fracture": 0.18, "screws": 0.08, "hip_prosthesis": 0.07, "scoliosis": 0.12, "osteoporosis": 0.15,
+    "degeneration": 0.3, "low_dose": 0.2, "blur": 0.1, "contrast": 0.4,
+}
+
+
+def _draw_patient(opts: PhantomOptions, rng) -> _Patient:
+    sex = opts.sex or ("female" if rng.random() < 0.5 else "male")
+    age = opts.age if opts.age is not None else float(rng.uniform(20, 90))
+    size = opts.size if opts.size is not None else float(np.clip(rng.normal(1.0, 0.05), 0.85, 1.15))
+    levels = opts.levels or ()
+    transitional = opts.transitional
+    if "T13" in levels:
+        transitional = "13_ribs"
+    elif "L6" in levels:
+        transitional = "L6"
+    if transitional is None:
+        u = rng.random()
+        transitional = "11_ribs" if u < 0.03 else "13_ribs" if u < 0.05 else "L6" if u < 0.08 else \
+            "sacralized_L5" if u < 0.12 else "none"
+    if opts.pathologies is None:
+        old = np.clip((age - 40) / 40, 0, 1)
+        probs = dict(_RANDOM_PATHOLOGY_PROB)
+        probs["fracture"] *= 0.5 + old
+        probs["osteoporosis"] *= 0.3 + 1.5 * old
+        probs["degeneration"] = 0.1 + 0.7 * old
+        pathologies = tuple(p for p in PATHOLOGIES if rng.random() < probs[p])
+    else:
+        pathologies = tuple(opts.pathologies)
+    if opts.fractures:
+        pathologies = tuple(dict.fromkeys(pathologies + ("fracture",)))
+    if opts.scoliosis_deg:
+        pathologies = tuple(dict.fromkeys(pathologies + ("scoliosis",)))
+    kyph_age = 8.0 * np.clip((age - 55) / 30, 0, 1)
+    curvature = Curvature(
+        lumbar_lordosis=float(np.clip(rng.normal(48, 10), 20, 75)),
+        thoracic_kyphosis=float(np.clip(rng.normal(36 + kyph_age, 9), 12, 75)),
+        upper_thoracic_kyphosis=float(np.clip(rng.normal(8, 3), 0, 18)),
+        cervical_lordosis=float(np.clip(rng.normal(18, 10), -10, 45)),
+        sacral_kyphosis=float(np.clip(rng.normal(30, 8), 10, 50)),
+        sagittal_tilt=float(rng.normal(0, 3)),
+    )
+    scoliosis = []
+    if "scoliosis" in pathologies:
+        cobb = opts.scoliosis_deg if opts.scoliosis_deg else float(rng.uniform(15, 55) * rng.choice([-1, 1], p=[0.3, 0.7]))
+        kind = rng.choice(["thoracic", "thoracolumbar", "lumbar", "double"])
+        ends = {"thoracic": ("T4", "T12"), "thoracolumbar": ("T8", "L3"), "lumbar": ("T12", "L4"), "double": ("T4", "T11")}
+        upper, lower = ends[kind]
+        scoliosis.append(ScoliosisCurve(cobb, upper, lower))
+        if kind == "double":
+            scoliosis.append(ScoliosisCurve(-cobb * rng.uniform(0.6, 0.9), "T11", "L4"))
+        elif kind == "thoracic" and rng.random() < 0.5:
+            scoliosis.append(ScoliosisCurve(-cobb * rng.uniform(0.3, 0.5), "T12", "L4"))
+    density = sk.BoneDensity()
+    young = np.clip((age - 25) / 60, 0, 1)
+    density.cancellous = float(rng.normal(270 - 130 * young, 20))
+    if "osteoporosis" in pathologies:
+        density.cancellous = float(rng.uniform(40, 110))
+    density.cancellous = float(np.clip(density.cancellous, 30, 350))
+    density.cortex = float(rng.normal(1350 - 200 * young, 80))
+    density.rib_core = density.cancellous * 0.8
+    habitus = soft.Habitus(
+        sex=sex, size=size * (0.94 if sex == "female" else 1.0),
+        fat_mm=float(np.clip(rng.gamma(4.0, 5.0) + (6 if sex == "female" else 0), 4, 60)),
+        visceral=float(rng.uniform(0.2, 0.9)),
+        muscle=float(np.clip(rng.normal(1.0 - 0.25 * young, 0.1), 0.6, 1.3)),
+        contrast="contrast" in pathologies,
+        muscle_hu=float(rng.normal(50 - 12 * young, 5)),
+    )
+    patient = _Patient(sex, age, size, transitional, pathologies, curvature, scoliosis, {}, density, habitus)
+    patient.pelvic_tilt = float(rng.normal(0, 4))
+    return patient
+
+
+def _segments(patient: _Patient, opts: PhantomOptions, rng) -> list[Segment]:
+    chain = level_chain("13_ribs" if patient.transitional == "13_ribs" else "L6" if patient.transitional == "L6" else "none")
+    names = chain + ["S3", "S4", "S5"]
+    female = patient.sex == "female"
+    lat = patient.size * (FEMALE_SCALE[0] if female else 1.0)
+    vert = patient.size * (FEMALE_SCALE[1] if female else 1.0)
+    degenerate = "degeneration" in patient.pathologies
+    segs = []
+    for name in names:
+        jitter = rng.normal(1.0, 0.025, size=2)
+        dims = level_dims(name).scaled(lat * jitter[0], vert * jitter[1])
+        if degenerate and name[0] in "CL":
+            from dataclasses import replace
+
+            dims = replace(dims, disc_below=dims.disc_below * rng.uniform(0.5, 0.85))
+        if name == "L5" and patient.transitional == "sacralized_L5":
+            from dataclasses import replace
+
+            dims = replace(dims, disc_below=dims.disc_below * 0.45)
+        segs.append(Segment(name, dims))
+    for k in range(3):
+        segs.append(Segment(f"Co{k + 1}", LevelDims(14 - 3 * k, 10 - 2 * k, 10 - 2 * k, 10 - 2 * k, 0, 0, 0, 0, 0, 0, 0)
+                            .scaled(lat, vert)))
+    if "fracture" in patient.pathologies:
+        count = opts.fractures if opts.fractures is not None else int(rng.integers(1, 4))
+        for name in cond.choose_fracture_levels([s.name for s in segs], count, rng):
+            kind = str(rng.choice(cond.FRACTURE_TYPES, p=[0.55, 0.25, 0.2]))
+            grade = opts.fracture_grade or str(rng.choice(list(cond.FRACTURE_GRADES), p=[0.35, 0.4, 0.25]))
+            patient.fractures[name] = cond.fracture(kind, grade)
+        for s in segs:
+            s.fracture = patient.fractures.get(s.name)
+    return segs
+
+
+# --------------------------------------------------------------------------- scan geometry
+
+
+def _choose_levels(opts: PhantomOptions, chain: list[str], rng) -> tuple[str, str]:
+    if opts.levels is not None:
+        return opts.levels
+    u = rng.random()
+    pick = lambda lo, hi: chain[int(rng.integers(chain.index(lo), chain.index(hi) + 1))]  # noqa: E731
+    last_l = "L6" if "L6" in chain else "L5"
+    if u < 0.25:
+        return pick("T9", "L1"), pick(last_l, "S2")  # lumbar / abdomen-pelvis
+    if u < 0.5:
+        return pick("C6", "T2"), pick("T10", "L1")  # chest
+    if u < 0.6:
+        return pick("C1", "C2"), pick("C6", "T2")  # neck
+    if u < 0.78:
+        return pick("T3", "T8"), pick("L2", last_l)  # thoracolumbar
+    if u < 0.92:
+        return pick("C3", "T2"), pick("L4", "S2")  # long
+    return "C1", "S2"  # whole spine
+
+
+def _draw_spacing(opts: PhantomOptions, rng) -> np.ndarray:
+    if opts.spacing is not None:
+        return np.array(opts.spacing, float)
+    u = rng.random()
+    inplane = rng.uniform(0.6, 1.0) if u < 0.45 else rng.uniform(1.0, 1.6) if u < 0.85 else rng.uniform(1.6, 3.0)
+    v = rng.random()
+    thick = rng.choice([1.0, 1.25, 1.5]) if v < 0.45 else rng.uniform(2.0, 3.0) if v < 0.85 else rng.choice([4.0, 5.0])
+    return np.array([inplane, inplane, float(thick)])
+
+
+_COMMON_ORIENTATIONS = ["LPS", "RAS", "LAS", "RPS", "LPI", "PIR", "ASL", "RSA", "LIP"]
+
+
+def _draw_orientation(opts: PhantomOptions, rng) -> str:
+    if opts.orientation.lower() != "random":
+        return opts.orientation
+    u = rng.random()
+    if u < 0.4:
+        return "LPS"
+    if u < 0.6:
+        return "RAS"
+    if u < 0.75:
+        return "LAS"
+    return str(rng.choice(_COMMON_ORIENTATIONS))
+
+
+def _transform_spine(spine: SpineShape, rotation: np.ndarray) -> SpineShape:
+    segs = []
+    for s in spine.segments:
+        t = Segment(s.name, s.dims, rotation @ s.centre, rotation @ s.frame, s.arc, s.fracture, s.axial_rotation)
+        segs.append(t)
+    return SpineShape(segs, spine.curve_arc, spine.curve_points @ rotation.T)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def generate_phantom(seed: int, options: PhantomOptions | None = None, **kwargs) -> Phantom:
+    """A synthetic spine CT, reproducible from `seed`; keyword options as in `PhantomOptions`.
+
+    Raises VertebraIDError (one sentence) for any invalid option.
+    """
+    if options is not None and kwargs:
+        raise VertebraIDError("Give phantom options either as a PhantomOptions or as keywords, not both.")
+    if options is None:
+        known = set(PhantomOptions.__dataclass_fields__)
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise VertebraIDError(f"Unknown phantom option '{unknown[0]}'; known options: {', '.join(sorted(known))}.")
+        options = PhantomOptions(**kwargs)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise VertebraIDError(f"The seed must be a non-negative whole number, got {seed!r}.")
+    opts = options.validated()
+    timings = {}
+    t0 = time.perf_counter()
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(6)]
+    rng_patient, rng_anatomy, rng_scan, rng_tissue, rng_noise, rng_metal = streams
+
+    patient = _draw_patient(opts, rng_patient)
+    segments = _segments(patient, opts, rng_anatomy)
+    spine = build_spine(segments, patient.curvature, patient.scoliosis)
+    c1 = spine.segment("C1")
+    c1.centre = c1.centre - c1.y * 5.0 * patient.size  # the ring sits behind the dens
+    chain = [s.name for s in spine.segments if s.name in LABEL_IDS]
+
+    # ---- anatomy as solids (patient frame)
+    sk_opts = {"rib_pairs": 11 if patient.transitional == "11_ribs" else 12,
+               "sacralized": "L5" if patient.transitional == "sacralized_L5" else None}
+    dens = patient.density
+    bones, labelled = [], []
+    for seg in spine.segments:
+        if seg.name == "C1":
+            labelled.append(sk.atlas_solid(seg, dens))
+        elif seg.name[0] in "CTL" and not seg.name.startswith("Co"):
+            labelled.append(sk.vertebra_solid(seg, dens, sk_opts))
+    sacral = [s for s in spine.segments if s.name.startswith("S")]
+    labelled.append(sk.sacrum_solid(sacral, dens))
+    bones.append(sk.coccyx_solid([s for s in spine.segments if s.name.startswith("Co")], dens))
+    discs = sk.disc_solids(spine, dens, degeneration=1.0 if "degeneration" in patient.pathologies else 0.0, rng=rng_anatomy)
+    canal = sk.canal_solids(spine)
+    ribs, cage = sk.rib_solids(spine, dens, patient.habitus.size, sk_opts)
+    bones += ribs
+    if cage is not None:
+        bones += sk.sternum_solids(spine, cage, dens, patient.habitus.size)
+        bones += sk.scapula_solids(spine, cage, dens, patient.habitus.size)
+    pelvis = sk.pelvis_geometry(spine, patient.habitus.size, patient.sex, patient.pelvic_tilt)
+    metal = []
+    if "hip_prosthesis" in patient.pathologies:
+        u = rng_metal.random()
+        patient.prosthesis_sides = ("R",) if u < 0.4 else ("L",) if u < 0.8 else ("R", "L")
+        for k, side in enumerate(("R", "L")):
+            if side in patient.prosthesis_sides:
+                hip, neck_end, shaft_low = sk.femur_axis(pelvis, k, patient.habitus.size)
+                metal += cond.hip_prosthesis(hip, neck_end, shaft_low, pelvis.head_radius, rng_metal)
+    bones += sk.pelvis_solids(pelvis, dens, patient.habitus.size, patient.sex, patient.prosthesis_sides)
+    bones += sk.skull_solids(spine, dens, patient.habitus.size)
+    if "screws" in patient.pathologies:
+        lumbar = [n for n in chain if n[0] in "TL" and n not in ("T1", "T2", "T3", "T4", "T5", "T6")] + ["S1"]
+        count = int(rng_metal.integers(2, 6))
+        start = int(rng_metal.integers(max(0, len(lumbar) - 8), len(lumbar) - count + 1))
+        patient.screw_levels = lumbar[start:start + count]
+        metal += cond.pedicle_screws(spine, patient.screw_levels, rng_metal)
+    organs = soft.organ_solids(spine, cage, pelvis.hip_centres, patient.habitus, rng_tissue)
+    timings["anatomy"] = time.perf_counter() - t0
+
+    # ---- scan geometry: grid frame = patient rotated by a small tilt
+    t1 = time.perf_counter()
+    tilt = opts.tilt_deg if opts.tilt_deg is not None else 3.0
+    rot = cond.random_rotation(tilt, rng_scan)
+    spine_g = _transform_spine(spine, rot)
+    top, bottom = _choose_levels(opts, chain, rng_scan)
+    cut = opts.cut if opts.cut is not None else bool(rng_scan.random() < 0.4)
+    spacing = _draw_spacing(opts, rng_scan)
+    axis = np.array([0.0, 0.0, 1.0])
+    seg_top, seg_bottom = spine_g.segment(top), spine_g.segment(bottom)
+    if cut:
+        z_hi = seg_top.centre[2] + (rng_scan.uniform(-0.45, 0.45) * seg_top.dims.height)
+        z_lo = seg_bottom.centre[2] + (rng_scan.uniform(-0.45, 0.45) * seg_bottom.dims.height)
+    else:
+        # the end vertebrae whole, the neighbours' centres outside
+        z_hi = cond.body_extent_along(seg_top, axis)[1] + rng_scan.uniform(2, 20)
+        z_lo = cond.body_extent_along(seg_bottom, axis)[0] - rng_scan.uniform(2, 20)
+        names_g = [s.name for s in spine_g.segments]
+        above = spine_g.segments[names_g.index(top) - 1] if names_g.index(top) > 0 else None
+        below = spine_g.segments[names_g.index(bottom) + 1]
+        if above is not None:
+            z_hi = min(z_hi, max(above.centre[2] - 0.3 * above.dims.height, cond.body_extent_along(seg_top, axis)[1]))
+        z_lo = max(z_lo, min(below.centre[2] + 0.3 * below.dims.height, cond.body_extent_along(seg_bottom, axis)[0]))
+    z_lo, z_hi = min(z_lo, z_hi), max(z_lo, z_hi)
+    if opts.shape is not None:
+        nx, ny, nz = opts.shape
+        centre_z = 0.5 * (z_lo + z_hi)
+        z_lo = centre_z - 0.5 * (nz - 1) * spacing[2]
+    else:
+        nz = int(np.ceil((z_hi - z_lo) / spacing[2])) + 1
+        if nz > opts.max_slices:
+            if opts.spacing is not None:
+                raise VertebraIDError(
+                    f"Levels {top}..{bottom} need {nz} slices at {spacing[2]:g} mm, more than max_slices={opts.max_slices}; "
+                    "raise max_slices or the slice spacing."
+                )
+            spacing[2] = (z_hi - z_lo) / (opts.max_slices - 1)
+            nz = opts.max_slices
+        nz = max(nz, 2)
+    # in-plane: the body (or, for a targeted reconstruction, the spine) in the middle
+    zmid = 0.5 * (z_lo + z_lo + (nz - 1) * spacing[2])
+    model_centre = spine_g.centre_at_height(np.array([zmid]))[0]
+    body_width = 2 * 165.0 * patient.habitus.size + 2 * patient.habitus.fat_mm
+    if opts.shape is None:
+        if opts.matrix is not None:
+            nx = ny = opts.matrix
+        else:
+            if rng_scan.random() < 0.7:
+                fov = body_width + rng_scan.uniform(10, 80)
+            else:
+                fov = rng_scan.uniform(160, 280)
+            nx = ny = int(np.clip(np.round(fov / spacing[0]), 64, 512))
+    fov_x, fov_y = nx * spacing[0], ny * spacing[1]
+    targeted = fov_x < 0.8 * body_width
+    if targeted:
+        cx, cy = model_centre[0], model_centre[1] + rng_scan.uniform(-10, 30)
+    else:
+        cx = model_centre[0] + rng_scan.uniform(-15, 15)
+        cy = model_centre[1] + 35.0 * patient.habitus.size + rng_scan.uniform(-15, 15)
+    if nx * ny * nz > MAX_VOXELS:
+        raise VertebraIDError(f"A phantom of {nx}x{ny}x{nz} voxels is too large (at most {MAX_VOXELS:,}).")
+    origin = np.array([cx - 0.5 * (nx - 1) * spacing[0], cy - 0.5 * (ny - 1) * spacing[1], z_lo])
+    grid = Grid(origin, spacing, (nx, ny, nz))
+    # thick slices: render k thin sub-slices per slice and average them (the slice profile)
+    sub = int(np.ceil(spacing[2] / (1.5 * spacing[0])))
+    sub = sub + 1 if sub % 2 == 0 else sub
+    fine_spacing = np.array([spacing[0], spacing[1], spacing[2] / sub])
+    fine = Grid(origin - np.array([0, 0, (sub - 1) / 2 * fine_spacing[2]]), fine_spacing, (nx, ny, nz * sub))
+    timings["geometry"] = time.perf_counter() - t1
+
+    # ---- render
+    t2 = time.perf_counter()
+    cage_g = None
+    if cage is not None:
+        cage_g = sk.RibCage(cage.centres @ rot.T, cage.half_width, cage.half_depth, cage.levels)
+    hips_g = pelvis.hip_centres @ rot.T
+    model = soft.slice_model(fine, spine_g, cage_g, float(hips_g[:, 2].mean()), patient.habitus)
+    ct = soft.render_soft_tissue(fine, model, patient.habitus, rng_tissue)
+    timings["soft_tissue"] = time.perf_counter() - t2
+    t3 = time.perf_counter()
+    back_y = float(np.min(model.cy - model.post))
+    table = soft.table_hu(fine, back_y, rng_tissue)
+    if table is not None:
+        foam, skins = table
+        plane = F32(-850.0) * foam + F32(300.0) * skins
+        occupancy = np.maximum(foam, skins)[:, :, None]
+        ct *= 1 - occupancy
+        ct += plane[:, :, None]
+    mask = np.zeros(fine.shape, np.uint8)
+    body_mask = np.zeros(fine.shape, np.uint8) if opts.with_body_mask else None
+    zero = np.zeros(3)
+    for solid in organs + canal + discs:
+        composite(solid.transformed(rot, zero), fine, ct)
+    for solid in bones:
+        composite(solid.transformed(rot, zero), fine, ct)
+    for solid in labelled:
+        composite(solid.transformed(rot, zero), fine, ct, mask, body_mask)
+    for solid in metal:
+        composite(solid.transformed(rot, zero), fine, ct)
+    if sub > 1:
+        ct = ct.reshape(nx, ny, nz, sub).mean(axis=3, dtype=F32)
+        mask = np.ascontiguousarray(mask[:, :, sub // 2::sub])
+        if body_mask is not None:
+            body_mask = np.ascontiguousarray(body_mask[:, :, sub // 2::sub])
+        model_width = model.half_width[sub // 2::sub]
+    else:
+        model_width = model.half_width
+    timings["bones"] = time.perf_counter() - t3
+
+    # ---- image formation: metal streaks, noise and blur, reconstruction circle
+    t4 = time.perf_counter()
+    streak_slices = cond.metal_streaks(ct, spacing, rng_noise) if metal else 0
+    low_dose = "low_dose" in patient.pathologies
+    if opts.noise_hu is not None:
+        noise = opts.noise_hu
+    else:
+        noise = rng_noise.uniform(45, 110) if low_dose else rng_noise.uniform(8, 30)
+        noise *= float(np.clip((1.5 / np.sqrt(spacing[0] * spacing[1] * spacing[2] / 1.5)), 0.6, 1.8))
+    if opts.blur_mm is not None:
+        blur = opts.blur_mm
+    else:
+        blur = rng_noise.uniform(1.0, 2.0) if "blur" in patient.pathologies else rng_noise.uniform(0.35, 0.8)
+    width_scale = np.clip(model_width / max(float(np.median(model_width)), 1.0), 0.5, 2.0) ** 1.5
+    cond.noise_and_blur(ct, spacing, (blur, blur, blur), noise, rng_noise, slice_scale=width_scale)
+    if not targeted and rng_scan.random() < 0.5:
+        # outside the reconstruction circle scanners write a constant
+        X, Y, _ = grid.axes((slice(0, nx), slice(0, ny), slice(0, 1)))
+        r = min(fov_x, fov_y) / 2
+        outside = ((X - F32(cx)) ** 2 + (Y - F32(cy)) ** 2)[:, :, 0] > F32(r * r)
+        ct[outside] = HU_MIN
+    np.clip(ct, HU_MIN, opts.hu_max, out=ct)
+    ct_i16 = np.rint(ct).astype(np.int16)
+    del ct
+    timings["image"] = time.perf_counter() - t4
+
+    # ---- geometry of the output: optional oblique axes, then array orientation
+    oblique = cond.random_rotation(opts.oblique_deg, rng_scan, exact=True)
+    world_centre = np.array([rng_scan.uniform(-30, 30), rng_scan.uniform(-60, 20), rng_scan.uniform(-900, 100)])
+    grid_centre = grid.origin + 0.5 * (np.array(grid.shape) - 1) * grid.spacing
+    to_world = np.eye(4)
+    to_world[:3, :3] = oblique
+    to_world[:3, 3] = world_centre - oblique @ grid_centre
+    affine = to_world @ np.block([[np.diag(grid.spacing), grid.origin[:, None]], [np.zeros((1, 3)), np.ones((1, 1))]])
+    orientation = _draw_orientation(opts, rng_scan)
+    arrays = {"ct": ct_i16, "mask": mask}
+    if body_mask is not None:
+        arrays["body"] = body_mask
+    arrays, affine = _reorient(arrays, affine, orientation)
+
+    # ---- ground truth: body centres inside the image (patient -> grid -> world)
+    ct_vol = Volume(arrays["ct"], affine)
+    truth = []
+    partial = []
+    for seg in spine_g.segments:
+        if seg.name not in LABEL_IDS:
+            continue
+        world = to_world[:3, :3] @ seg.centre + to_world[:3, 3]
+        ijk = ct_vol.world_to_voxel(world)
+        inside = bool(np.all(ijk >= -0.5) and np.all(ijk <= np.array(ct_vol.shape3) - 0.5))
+        lo, hi = cond.body_extent_along(seg, axis)
+        visible = float(np.clip((min(hi, grid.origin[2] + (nz - 1) * spacing[2]) - max(lo, grid.origin[2])) / (hi - lo), 0, 1))
+        if inside:
+            extra = {"visible_fraction": round(visible, 3)}
+            if seg.fracture:
+                extra["fracture"] = f"{seg.fracture['grade']} {seg.fracture['kind']}"
+            truth.append(Vertebra(seg.name, world, 1.0, extra=extra))
+        elif visible > 0:
+            partial.append(seg.name)
+    timings["total"] = time.perf_counter() - t0
+    meta = {
+        "generator": "VertebraIDLib.phantom",
+        "version": GENERATOR_VERSION,
+        "seed": int(seed),
+        "options": opts.to_dict(),
+        "patient": {
+            "sex": patient.sex, "age": round(patient.age, 1), "size": round(patient.size, 3),
+            "transitional": patient.transitional, "rib_pairs": sk_opts["rib_pairs"] + (1 if patient.transitional == "13_ribs" else 0),
+            "curvature_deg": {k: round(v, 1) for k, v in vars(patient.curvature).items()},
+            "scoliosis": [{"cobb_deg": round(c.cobb_deg, 1), "upper": c.upper, "lower": c.lower} for c in patient.scoliosis],
+            "fractures": {k: f"{v['grade']} {v['kind']}" for k, v in patient.fractures.items()},
+            "cancellous_hu": round(dens.cancellous, 1), "cortex_hu": round(dens.cortex, 1),
+            "fat_mm": round(patient.habitus.fat_mm, 1), "contrast": patient.habitus.contrast,
+        },
+        "pathologies": list(patient.pathologies),
+        "implants": {"pedicle_screws": patient.screw_levels, "hip_prosthesis": list(patient.prosthesis_sides)},
+        "scan": {
+            "levels_requested": [top, bottom], "cut_mid_vertebra": cut, "spacing_mm": [round(float(v), 4) for v in spacing],
+            "shape": list(arrays["ct"].shape), "orientation": orientation, "oblique_deg": opts.oblique_deg,
+            "noise_hu": round(float(noise), 1), "blur_mm": round(float(blur), 2), "streak_slices": streak_slices,
+            "targeted_reconstruction": bool(targeted), "hu_range": [HU_MIN, opts.hu_max],
+        },
+        "levels_in_image": [v.label for v in truth],
+        "levels_partly_in_image": partial,
+        "mask_ids": "VerSe (1-7 C1-C7, 8-19 T1-T12, 28 T13, 20-25 L1-L6, 26 sacrum)",
+        "body_mask_ids": "project LABEL_IDS (1-26 C1..S2, 27 L6, 28 T13)" if body_mask is not None else None,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+    }
+    body = Volume(arrays["body"], affine) if body_mask is not None else None
+    return Phantom(ct_vol, Volume(arrays["mask"], affine), truth, meta, body)
+
+
+def _reorient(arrays: dict, affine: np.ndarray, axcodes: str):
+    """Transpose/flip arrays (currently RAS-ordered voxel axes) to `axcodes`; adjust the affine."""
+    import nibabel.orientations as nio
+
+    current = nio.io_orientation(affine)
+    target = nio.axcodes2ornt(tuple(axcodes))
+    transform = nio.ornt_transform(current, target)
+    shape = next(iter(arrays.values())).shape
+    new_affine = affine @ nio.inv_ornt_aff(transform, shape)
+    out = {k: np.ascontiguousarray(nio.apply_orientation(v, transform)) for k, v in arrays.items()}
+    return out, new_affine

@@ -1,0 +1,178 @@
+"""Pictures for QC, reviews and the README: sagittal and coronal views of a CT with labelled
+vertebrae.
+
+The CT is sampled on a fixed RAS-aligned grid through its affine, so any stored orientation
+(RAS, LPS, PIR, oblique...) shows upright with the same layout: sagittal with anterior on
+the left, coronal with the patient's right on the left (radiological convention), head up.
+Each view is a maximum-intensity projection over a thin slab that follows the spine (curved:
+the slab centre tracks the vertebrae, the given centreline, or bone found in the image), so a
+scoliotic spine stays in view.
+
+Matplotlib runs with the Agg backend; nothing here opens a window.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .errors import VertebraIDError
+from .fileio import atomic_path
+from .volume import Volume
+
+#: Display window (HU) that shows bone and soft tissue.
+BONE_WINDOW = (-250.0, 1250.0)
+_REGION_COLORS = {"C": (0.95, 0.75, 0.2), "T": (0.3, 0.8, 0.3), "L": (0.3, 0.6, 1.0), "S": (0.85, 0.4, 0.85)}
+
+
+def _figure_module():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    return Figure
+
+
+def _spine_line(ct: Volume, vertebrae, centerline_ras, z: np.ndarray) -> np.ndarray:
+    """(x, y) of the slab centre at each height z: from vertebrae, a centreline, or bone."""
+    pts = None
+    if vertebrae:
+        pts = np.array([v.position for v in vertebrae], float)
+    elif centerline_ras is not None and len(centerline_ras):
+        pts = np.asarray(centerline_ras, float).reshape(-1, 3)
+    if pts is not None and len(pts):
+        order = np.argsort(pts[:, 2])
+        pts = pts[order]
+        if len(pts) == 1:
+            return np.repeat(pts[:, :2], len(z), axis=0)
+        x = np.interp(z, pts[:, 2], pts[:, 0])
+        y = np.interp(z, pts[:, 2], pts[:, 1])
+        return np.stack([x, y], -1)
+    return _bone_line(ct, z)
+
+
+def _bone_line(ct: Volume, z: np.ndarray) -> np.ndarray:
+    """Centre of dense bone near the middle of each axial level, smoothed (no annotations)."""
+    from scipy.ndimage import map_coordinates, uniform_filter1d
+
+    corners = ct.corners_world()
+    lo, hi = corners.min(0), corners.max(0)
+    step = max(float(ct.spacing.min()) * 2, 3.0)
+    xs = np.arange(lo[0], hi[0] + 1e-6, step)
+    ys = np.arange(lo[1], hi[1] + 1e-6, step)
+    zs = np.arange(lo[2], hi[2] + 1e-6, max(step, (hi[2] - lo[2]) / 60))
+    X, Y, Z = np.meshgrid(xs, ys, zs, indexing="ij")
+    ijk = ct.world_to_voxel(np.stack([X, Y, Z], -1).reshape(-1, 3)).T
+    values = map_coordinates(ct.array.astype(np.float32), ijk, order=0, mode="constant", cval=-1024.0)
+    values = values.reshape(X.shape)
+    bone = values > 250
+    # favour the middle of the body: weight by closeness to the image centre in x
+    wx = np.exp(-(((xs - xs.mean()) / max(np.ptp(xs) / 4, 1)) ** 2))[:, None, None]
+    weight = bone * wx
+    total = weight.sum(axis=(0, 1))
+    cx = np.where(total > 0, (weight * X).sum(axis=(0, 1)) / np.maximum(total, 1e-9), xs.mean())
+    cy = np.where(total > 0, (weight * Y).sum(axis=(0, 1)) / np.maximum(total, 1e-9), ys.mean())
+    if len(zs) > 3:
+        cx = uniform_filter1d(cx, 5, mode="nearest")
+        cy = uniform_filter1d(cy, 5, mode="nearest")
+    return np.stack([np.interp(z, zs, cx), np.interp(z, zs, cy)], -1)
+
+
+def _slab_views(ct: Volume, line_fn, step: float, slab_mm: float):
+    """MIP images: sagittal (z, y) and coronal (z, x), sampled in RAS at `step` mm."""
+    from scipy.ndimage import map_coordinates
+
+    corners = ct.corners_world()
+    lo, hi = corners.min(0), corners.max(0)
+    xs = np.arange(lo[0], hi[0] + 1e-6, step)
+    ys = np.arange(lo[1], hi[1] + 1e-6, step)
+    zs = np.arange(lo[2], hi[2] + 1e-6, step)
+    line = line_fn(zs)
+    offsets = np.arange(-slab_mm / 2, slab_mm / 2 + 1e-6, min(step, max(float(ct.spacing.min()), 0.5)))
+    data = ct.array if ct.array.dtype == np.float32 else ct.array.astype(np.float32)
+    fill = float(min(data.min(), -1024.0)) if data.size else -1024.0
+    views = []
+    for lateral in (True, False):
+        acc = None
+        for off in offsets:
+            if lateral:  # sagittal: x follows the line; image axes (z, y)
+                Z, Yg = np.meshgrid(zs, ys, indexing="ij")
+                Xg = line[:, 0][:, None] + off + 0 * Yg
+            else:  # coronal: y follows the line; image axes (z, x)
+                Z, Xg = np.meshgrid(zs, xs, indexing="ij")
+                Yg = line[:, 1][:, None] + off + 0 * Xg
+            ijk = ct.world_to_voxel(np.stack([Xg, Yg, Z], -1).reshape(-1, 3)).T
+            v = map_coordinates(data, ijk, order=1, mode="constant", cval=fill).reshape(Z.shape)
+            acc = v if acc is None else np.maximum(acc, v)
+        views.append(acc)
+    return views[0], views[1], (xs, ys, zs)
+
+
+def render_views(ct: Volume, vertebrae=None, centerline_ras=None, title: str | None = None,
+                 slab_mm: float = 12.0, window=BONE_WINDOW, step_mm: float | None = None, height_in: float = 7.0):
+    """A matplotlib Figure with sagittal and coronal slab MIPs of `ct` and labelled vertebrae.
+
+    `vertebrae`: list of Vertebra (RAS mm) drawn as labelled dots; `centerline_ras`: (N, 3)
+    points drawn as a line. The slab follows the vertebrae (or the centreline, or bone).
+    """
+    if not isinstance(ct, Volume) or ct.array.ndim != 3:
+        raise VertebraIDError("QC views need a 3-D CT volume.")
+    if ct.array.size == 0:
+        raise VertebraIDError("The CT volume is empty.")
+    Figure = _figure_module()
+    corners = ct.corners_world()
+    extent = corners.max(0) - corners.min(0)
+    if step_mm is None:
+        step_mm = max(float(ct.spacing.min()), float(extent.max()) / 500.0, 0.5)
+    vertebrae = list(vertebrae or [])
+    sag, cor, (xs, ys, zs) = _slab_views(ct, lambda z: _spine_line(ct, vertebrae, centerline_ras, z), step_mm, slab_mm)
+    widths = [max(len(ys), 1), max(len(xs), 1)]
+    aspect_w = sum(widths) / max(len(zs), 1)
+    fig = Figure(figsize=(max(height_in * aspect_w, 3.0) + 0.4, height_in + (0.5 if title else 0.2)), facecolor="black")
+    axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": widths, "wspace": 0.02})
+    vmin, vmax = window
+    # sagittal: anterior on the left -> columns run from high y to low y
+    axes[0].imshow(sag[:, ::-1], cmap="gray", vmin=vmin, vmax=vmax, origin="lower", interpolation="bilinear",
+                   extent=(ys[-1] + step_mm / 2, ys[0] - step_mm / 2, zs[0] - step_mm / 2, zs[-1] + step_mm / 2) if len(ys) > 1 else None)
+    # coronal: patient right on the left -> columns run from high x to low x
+    axes[1].imshow(cor[:, ::-1], cmap="gray", vmin=vmin, vmax=vmax, origin="lower", interpolation="bilinear",
+                   extent=(xs[-1] + step_mm / 2, xs[0] - step_mm / 2, zs[0] - step_mm / 2, zs[-1] + step_mm / 2) if len(xs) > 1 else None)
+    axes[0].set_xlim(ys[-1] + step_mm / 2, ys[0] - step_mm / 2)
+    axes[1].set_xlim(xs[-1] + step_mm / 2, xs[0] - step_mm / 2)
+    for ax in axes:
+        ax.set_ylim(zs[0] - step_mm / 2, zs[-1] + step_mm / 2)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_facecolor("black")
+    if centerline_ras is not None and len(centerline_ras):
+        c = np.asarray(centerline_ras, float).reshape(-1, 3)
+        axes[0].plot(c[:, 1], c[:, 2], "-", color=(1.0, 0.4, 0.2), lw=0.8, alpha=0.8)
+        axes[1].plot(c[:, 0], c[:, 2], "-", color=(1.0, 0.4, 0.2), lw=0.8, alpha=0.8)
+    fontsize = max(5.0, min(9.0, 0.9 * height_in))
+    for v in vertebrae:
+        p = np.asarray(v.position, float)
+        color = _REGION_COLORS.get(v.label[0], (1.0, 1.0, 0.3))
+        for ax, horizontal in ((axes[0], p[1]), (axes[1], p[0])):
+            ax.plot(horizontal, p[2], "o", ms=3.5, color=color, mec="black", mew=0.5)
+            ax.annotate(v.label, (horizontal, p[2]), xytext=(5, 0), textcoords="offset points", color=color,
+                        fontsize=fontsize, va="center", fontweight="bold")
+    axes[0].set_title("sagittal", color="white", fontsize=fontsize)
+    axes[1].set_title("coronal", color="white", fontsize=fontsize)
+    if title:
+        fig.suptitle(title, color="white", fontsize=fontsize + 1)
+    return fig
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> None:
+    """Save a figure atomically (PNG, or the format the suffix names)."""
+    suffix = os.path.splitext(str(path))[1] or ".png"
+    fmt = suffix.lstrip(".").lower()
+    if fmt not in ("png", "jpg", "jpeg", "pdf", "svg"):
+        raise VertebraIDError(f"Cannot save a picture as '{path}'; use a .png, .jpg, .pdf or .svg name.")
+    try:
+        with atomic_path(path, suffix=suffix) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=dpi, facecolor=fig.get_facecolor(), bbox_inches="tight", pad_inches=0.05)
+    except OSError as exc:
+        raise VertebraIDError(f"Cannot write the picture '{path}' ({exc.strerror or exc}).") from exc
