@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 # The main job: label the vertebrae of the bundled example activation maps, then score them.
 run: setup
 	$(VENV)/bin/vertebraid locate $(EXAMPLE)/example_heatmaps.nii.gz \
-		-o $(OUT)/example.vertebrae.json --markups $(OUT)/example.mrk.json
+		-o $(OUT)/example.vertebrae.json --markups $(OUT)/example.mrk.json --picture $(OUT)/example.png
 	$(VENV)/bin/vertebraid evaluate --pred $(OUT)/example.vertebrae.json --gt $(EXAMPLE)/example_truth.vertebrae.json
 
 test: setup

@@ -14,6 +14,7 @@ is given (`NetworkHeatmapSource`), or any detector's points rendered into maps
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -147,6 +148,7 @@ class Evidence:
     heatmaps: Volume  # (I, J, K, 26)
     combined: Volume | None  # Ĝ when the source defines it (rendered points); None: sum of maps
     description: str
+    sigma_mm: float | None = None  # the blobs' width when the source knows it
 
 
 class NetworkHeatmapSource:
@@ -269,16 +271,11 @@ class PointsHeatmapSource:
             raise VertebraIDError(f"The {self.description} hold no point.")
 
     def compute(self, ct: Volume, progress: ProgressCallback | None = None) -> Evidence:
-        from VertebraIDLib.points import render_point_heatmaps
-        from VertebraIDLib.simulate import render_gaussians
+        from VertebraIDLib.points import render_point_evidence
 
         self.check()
-        heatmaps = render_point_heatmaps(
-            self.positions, self.probabilities, None, sigma_mm=self.sigma_mm, spacing_mm=self.spacing_mm
-        )
-        unit = np.ones((len(self.positions), 1), np.float32)
-        combined = Volume(render_gaussians(self.positions, unit, heatmaps, self.sigma_mm)[..., 0], heatmaps.affine)
-        return Evidence(heatmaps, combined, self.description)
+        heatmaps, combined = render_point_evidence(self.positions, self.probabilities, self.sigma_mm, self.spacing_mm)
+        return Evidence(heatmaps, combined, self.description, self.sigma_mm)
 
 
 # =========================================================================== parameter node
@@ -626,6 +623,8 @@ class VertebraIDLogic(ScriptedLoadableModuleLogic):
         timings["activation_maps"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        if evidence.sigma_mm is not None:
+            options = dataclasses.replace(options, sigma_mm=evidence.sigma_mm)
         result = pipeline.locate(evidence.heatmaps, options, combined=evidence.combined, progress=_scaled(progress, 0.5, 0.9))
         timings["pipeline"] = time.perf_counter() - t0
         if result.prepared.centerline is None or not result.vertebrae:
@@ -923,7 +922,8 @@ def synthetic_spine_case(seed: int = 3, levels: tuple[str, str] = ("T3", "L4"), 
     soft tissue, on an axis-aligned LPS-ordered grid (as scanners store axial CT).
     Returns (ct: Volume, truth: list[Vertebra]).
     """
-    from VertebraIDLib.simulate import render_gaussians, simulate_case
+    from VertebraIDLib.points import render_gaussians
+    from VertebraIDLib.simulate import simulate_case
 
     truth = simulate_case(seed, difficulty="clean", levels=levels, oblique=False).truth
     centres = np.array([v.position for v in truth])

@@ -6,7 +6,8 @@ import pytest
 
 from VertebraIDLib.centerline import trace_centerline
 from VertebraIDLib.rectify import rectify
-from VertebraIDLib.simulate import render_gaussians, simulate_case
+from VertebraIDLib.points import render_gaussians
+from VertebraIDLib.simulate import simulate_case
 from VertebraIDLib.volume import Volume
 
 

@@ -6,7 +6,8 @@ import pytest
 
 from VertebraIDLib.anatomy import LEVELS_26, NUM_CHANNELS
 from VertebraIDLib.errors import VertebraIDError
-from VertebraIDLib.simulate import DIFFICULTIES, LEVEL_GAPS_MM, render_gaussians, simulate_case
+from VertebraIDLib.points import render_gaussians
+from VertebraIDLib.simulate import DIFFICULTIES, LEVEL_GAPS_MM, simulate_case
 from VertebraIDLib.volume import Volume
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .anatomy import LABEL_IDS, VERSE_NAMES
+from .anatomy import VERSE_NAMES
 from .errors import VertebraIDError
 from .vertebrae import Vertebra, sort_by_level
 from .volume import Volume, read_image, read_nifti

@@ -35,7 +35,7 @@ class LocateOptions:
     weighted: bool = True  # the paper's anchor weights (lambda = 2 for C1, C2, S1, S2)
     transitional: bool = False  # allow T13 and L6
     step_mm: float | None = None  # rectification sampling (delta); default: the maps' spacing
-    window_mm: float = 30.0  # half-width of the sampled normal plane
+    window_mm: float = 25.0  # half-width of the sampled normal plane (centreline error + blob tails)
     threshold: float = 0.5  # centreline: voxels above this fraction of Ĝ's peak
     min_peak: float = 0.05  # Ĝ peak below this (absolute) means "no spine"
     sigma_mm: float | None = None  # blob width of the maps; estimated from them when None
@@ -120,6 +120,7 @@ def prepare(
     validate_heatmaps(heatmaps)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    combined_is_sum = combined is None
     if combined is None:
         combined = Volume(heatmaps.array.sum(axis=3, dtype=np.float32), heatmaps.affine)
     timings["combine"] = time.perf_counter() - t0
@@ -134,7 +135,7 @@ def prepare(
     _report(progress, 0.4, "Straightening the activation maps")
 
     t0 = time.perf_counter()
-    rect = rectify(heatmaps, combined, line, options.window_mm, options.sigma_mm)
+    rect = rectify(heatmaps, combined, line, options.window_mm, options.sigma_mm, combined_is_sum)
     timings["rectify_and_signals"] = time.perf_counter() - t0
     return Prepared(heatmaps, combined, line, rect, timings)
 
@@ -190,7 +191,7 @@ def solve(
         confidences = None
         if options.method == "exact":
             t1 = time.perf_counter()
-            prob = opt.marginals(model, fixed)
+            prob = opt.marginals(model.with_scale(chain.scale), fixed)
             radius = max(1, int(round(8.0 / rect.step_mm)))
             confidences = opt.chain_confidence(prob, chain, radius)
             timings["confidence"] = time.perf_counter() - t1

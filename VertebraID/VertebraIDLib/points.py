@@ -20,6 +20,71 @@ from .volume import Volume
 REGIONS = ("C", "T", "L", "S")
 
 
+def render_gaussians(
+    centres_ras,
+    channel_weights,
+    reference,
+    sigma_mm,
+    *,
+    truncate: float = 4.0,
+    combine: str = "max",
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Gaussian blobs on a grid: blob n adds `channel_weights[n, c] * exp(-d^2 / 2 sigma_n^2)` to channel c.
+
+    `reference` is anything with `affine` (voxel -> RAS) and `shape3` (or an `array`); each blob
+    is evaluated only in the voxel box that holds its sphere of radius `truncate * sigma`, so the
+    cost grows with the number of blobs, not the grid. `combine` is "max" (overlapping blobs keep
+    their peaks, as a network regressing Gaussians would) or "sum". Returns float32 (I, J, K, C);
+    with `out` given, blobs are drawn into it (it must have that shape).
+    """
+    centres = np.atleast_2d(np.asarray(centres_ras, dtype=float))
+    weights = np.atleast_2d(np.asarray(channel_weights, dtype=np.float32))
+    if centres.shape[1] != 3 or weights.shape[0] != centres.shape[0]:
+        raise ValueError("centres_ras must be (N, 3) and channel_weights (N, C) with the same N.")
+    if combine not in ("max", "sum"):
+        raise ValueError("combine must be 'max' or 'sum'.")
+    sigmas = np.broadcast_to(np.asarray(sigma_mm, dtype=float), (centres.shape[0],))
+    shape = tuple(getattr(reference, "shape3", None) or np.shape(reference.array)[:3])
+    channels = weights.shape[1]
+    if out is None:
+        out = np.zeros(shape + (channels,), dtype=np.float32)
+    elif out.shape != shape + (channels,):
+        raise ValueError(f"out has shape {out.shape}, expected {shape + (channels,)}.")
+    affine = np.asarray(reference.affine, dtype=float)
+    linear = affine[:3, :3]
+    inverse = np.linalg.inv(linear)
+    gram = linear.T @ linear  # squared world distance of a voxel-index offset
+    reach = np.linalg.norm(inverse, axis=1)  # voxel extent per mm of world radius, per axis
+    ijk_centres = (centres - affine[:3, 3]) @ inverse.T
+    dims = np.array(shape)
+    for ijk, sigma, w in zip(ijk_centres, sigmas, weights):
+        active = np.flatnonzero(w)
+        if active.size == 0 or sigma <= 0:
+            continue
+        radius = truncate * sigma
+        lo = np.maximum(np.ceil(ijk - radius * reach).astype(int), 0)
+        hi = np.minimum(np.floor(ijk + radius * reach).astype(int), dims - 1)
+        if np.any(hi < lo):
+            continue
+        di, dj, dk = (np.arange(lo[a], hi[a] + 1) - ijk[a] for a in range(3))
+        di, dj, dk = di[:, None, None], dj[None, :, None], dk[None, None, :]
+        dist2 = (
+            gram[0, 0] * di * di + gram[1, 1] * dj * dj + gram[2, 2] * dk * dk
+            + 2.0 * (gram[0, 1] * di * dj + gram[0, 2] * di * dk + gram[1, 2] * dj * dk)
+        )
+        blob = np.exp(-dist2 / (2.0 * sigma * sigma)).astype(np.float32)
+        blob[dist2 > radius * radius] = 0.0
+        box = out[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1]
+        for c in active:
+            target = box[..., c]
+            if combine == "max":
+                np.maximum(target, w[c] * blob, out=target)
+            else:
+                target += w[c] * blob
+    return out
+
+
 def level_weights(probabilities: dict | None) -> np.ndarray:
     """Channel weights (26,) in [0, 1] for one point; all ones when nothing is known."""
     if not probabilities:
@@ -71,16 +136,29 @@ def render_point_heatmaps(
     margin_mm: float = 60.0,
 ) -> Volume:
     """26-channel activation maps with one Gaussian blob per point (on `reference`'s grid if given)."""
-    from .simulate import render_gaussians
-
     positions = _check_positions(positions_ras)
     probabilities = probabilities or [None] * len(positions)
     if len(probabilities) != len(positions):
         raise VertebraIDError("There must be one probability entry per point.")
     grid = reference if reference is not None else grid_around(positions, spacing_mm, margin_mm)
-    weights = np.stack([level_weights(p) for p in probabilities]) if len(positions) else np.zeros((0, NUM_CHANNELS))
-    array = render_gaussians(positions, weights, grid, sigma_mm) if len(positions) else np.zeros(grid.shape3 + (NUM_CHANNELS,), np.float32)
-    return Volume(array, grid.affine)
+    if len(positions) == 0:
+        return Volume(np.zeros(grid.shape3 + (NUM_CHANNELS,), np.float32), grid.affine)
+    weights = np.stack([level_weights(p) for p in probabilities])
+    return Volume(render_gaussians(positions, weights, grid, sigma_mm), grid.affine)
+
+
+def render_point_evidence(
+    positions_ras,
+    probabilities: list[dict | None] | None = None,
+    sigma_mm: float = 4.0,
+    spacing_mm: float = 2.0,
+) -> tuple[Volume, Volume]:
+    """The 26 maps of the points and their Ĝ: one unit blob per point, whatever its level weights."""
+    positions = _check_positions(positions_ras)
+    heatmaps = render_point_heatmaps(positions, probabilities, None, sigma_mm, spacing_mm)
+    unit = np.ones((len(positions), 1), np.float32)
+    combined = Volume(render_gaussians(positions, unit, heatmaps, sigma_mm)[..., 0], heatmaps.affine)
+    return heatmaps, combined
 
 
 @dataclass
@@ -108,15 +186,11 @@ def label_points(
     closest pairs first); points left over are rejected. Chain vertebrae with no point are the
     optimiser's inference of a missed vertebra, kept when `include_inferred`.
     """
-    from .simulate import render_gaussians
-
     positions = _check_positions(positions_ras)
     if len(positions) == 0:
         empty = locate(Volume(np.zeros((2, 2, 2, NUM_CHANNELS), np.float32), np.eye(4)), options)
         return PointLabelling(empty, [], [])
-    heatmaps = render_point_heatmaps(positions, probabilities, None, sigma_mm, spacing_mm)
-    # Ĝ: one unit blob per point, whatever its level weights.
-    combined = Volume(render_gaussians(positions, np.ones((len(positions), 1)), heatmaps, sigma_mm)[..., 0], heatmaps.affine)
+    heatmaps, combined = render_point_evidence(positions, probabilities, sigma_mm, spacing_mm)
     options = replace(options, sigma_mm=sigma_mm)
     result = locate(heatmaps, options, constraints, combined=combined, energy_params=energy_params)
 

@@ -79,16 +79,20 @@ def _bone_line(ct: Volume, z: np.ndarray) -> np.ndarray:
     return np.stack([np.interp(z, zs, cx), np.interp(z, zs, cy)], -1)
 
 
-def _slab_views(ct: Volume, line_fn, step: float, slab_mm: float):
+def _slab_views(ct: Volume, line_fn, step: float, slab_mm: float, crop_mm: float | None = None):
     """MIP images: sagittal (z, y) and coronal (z, x), sampled in RAS at `step` mm."""
     from scipy.ndimage import map_coordinates
 
     corners = ct.corners_world()
     lo, hi = corners.min(0), corners.max(0)
-    xs = np.arange(lo[0], hi[0] + 1e-6, step)
-    ys = np.arange(lo[1], hi[1] + 1e-6, step)
     zs = np.arange(lo[2], hi[2] + 1e-6, step)
     line = line_fn(zs)
+    if crop_mm is not None:
+        centre = np.median(line, axis=0)
+        lo[:2] = np.maximum(lo[:2], centre - crop_mm)
+        hi[:2] = np.minimum(hi[:2], centre + crop_mm)
+    xs = np.arange(lo[0], hi[0] + 1e-6, step)
+    ys = np.arange(lo[1], hi[1] + 1e-6, step)
     offsets = np.arange(-slab_mm / 2, slab_mm / 2 + 1e-6, min(step, max(float(ct.spacing.min()), 0.5)))
     data = ct.array if ct.array.dtype == np.float32 else ct.array.astype(np.float32)
     fill = float(min(data.min(), -1024.0)) if data.size else -1024.0
@@ -110,11 +114,13 @@ def _slab_views(ct: Volume, line_fn, step: float, slab_mm: float):
 
 
 def render_views(ct: Volume, vertebrae=None, centerline_ras=None, title: str | None = None,
-                 slab_mm: float = 12.0, window=BONE_WINDOW, step_mm: float | None = None, height_in: float = 7.0):
+                 slab_mm: float = 12.0, window=BONE_WINDOW, step_mm: float | None = None, height_in: float = 7.0,
+                 crop_mm: float | None = None):
     """A matplotlib Figure with sagittal and coronal slab MIPs of `ct` and labelled vertebrae.
 
     `vertebrae`: list of Vertebra (RAS mm) drawn as labelled dots; `centerline_ras`: (N, 3)
     points drawn as a line. The slab follows the vertebrae (or the centreline, or bone).
+    `crop_mm`: show only this far (mm) to each side of the spine (default: the whole scan).
     """
     if not isinstance(ct, Volume) or ct.array.ndim != 3:
         raise VertebraIDError("QC views need a 3-D CT volume.")
@@ -126,7 +132,8 @@ def render_views(ct: Volume, vertebrae=None, centerline_ras=None, title: str | N
     if step_mm is None:
         step_mm = max(float(ct.spacing.min()), float(extent.max()) / 500.0, 0.5)
     vertebrae = list(vertebrae or [])
-    sag, cor, (xs, ys, zs) = _slab_views(ct, lambda z: _spine_line(ct, vertebrae, centerline_ras, z), step_mm, slab_mm)
+    sag, cor, (xs, ys, zs) = _slab_views(ct, lambda z: _spine_line(ct, vertebrae, centerline_ras, z), step_mm, slab_mm,
+                                         crop_mm)
     widths = [max(len(ys), 1), max(len(xs), 1)]
     aspect_w = sum(widths) / max(len(zs), 1)
     fig = Figure(figsize=(max(height_in * aspect_w, 3.0) + 0.4, height_in + (0.5 if title else 0.2)), facecolor="black")
@@ -176,3 +183,91 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> None:
             fig.savefig(tmp, format=fmt, dpi=dpi, facecolor=fig.get_facecolor(), bbox_inches="tight", pad_inches=0.05)
     except OSError as exc:
         raise VertebraIDError(f"Cannot write the picture '{path}' ({exc.strerror or exc}).") from exc
+
+
+def _projection_views(volume: Volume, step_mm: float):
+    """Coronal (z, x) and sagittal (z, y) maximum projections on a RAS grid, with its axes."""
+    from .volume import resample_to_spacing
+
+    ras = resample_to_spacing(volume, step_mm)
+    lo = ras.affine[:3, 3]
+    axes = [lo[d] + np.arange(ras.array.shape[d]) * step_mm for d in range(3)]
+    return ras.array.max(axis=1).T, ras.array.max(axis=0).T, axes
+
+
+def result_figure(result, ct: Volume | None = None, title: str | None = None):
+    """The pipeline at a glance: Ĝ with centreline and labels, the straightened spine, 1-D signals.
+
+    Panels: coronal and sagittal projections of Ĝ (maximum over the body) with the centreline
+    and the labelled vertebrae; the straightened Ĝ (and CT when given) seen from the side; the
+    1-D signals Q̂ and Q_v along the centreline with the chosen positions.
+    """
+    from .anatomy import LEVELS_26
+
+    Figure = _figure_module()
+    prepared = result.prepared
+    rect = prepared.rectified
+    ncols = 4 + (1 if ct is not None and rect is not None else 0)
+    fig = Figure(figsize=(3.2 * ncols + 2, 7.0))
+    axes = fig.subplots(1, ncols, gridspec_kw={"width_ratios": [1] * (ncols - 1) + [1.6]})
+    step = float(max(prepared.heatmaps.spacing.min(), 1.0))
+    coronal, sagittal, (xs, ys, zs) = _projection_views(prepared.combined, step)
+    top = float(coronal.max()) or 1.0
+    axes[0].imshow(coronal, origin="lower", cmap="magma", vmin=0, vmax=top, extent=(xs[0], xs[-1], zs[0], zs[-1]))
+    axes[0].invert_xaxis()  # patient right on the left
+    axes[1].imshow(sagittal, origin="lower", cmap="magma", vmin=0, vmax=top, extent=(ys[0], ys[-1], zs[0], zs[-1]))
+    axes[1].invert_xaxis()  # anterior on the left
+    axes[0].set_title("Ĝ coronal (max)")
+    axes[1].set_title("Ĝ sagittal (max)")
+    if result.centerline is not None:
+        c = result.centerline.points
+        axes[0].plot(c[:, 0], c[:, 2], "-", color="cyan", lw=1)
+        axes[1].plot(c[:, 1], c[:, 2], "-", color="cyan", lw=1)
+    for v in result.vertebrae:
+        color = _REGION_COLORS.get(v.region, "white")
+        for ax, h in ((axes[0], v.position[0]), (axes[1], v.position[1])):
+            ax.plot(h, v.position[2], "o", ms=3, color=color, mec="black", mew=0.4)
+            ax.annotate(v.label, (h, v.position[2]), xytext=(4, 0), textcoords="offset points", color=color, fontsize=7)
+    for ax in axes[:2]:
+        ax.set_xticks([])
+        ax.set_ylabel("S (mm)")
+
+    signal_ax = axes[-1]
+    if rect is None:
+        for ax in axes[2:]:
+            ax.text(0.5, 0.5, "no spine found", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+        if title:
+            fig.suptitle(title)
+        return fig
+    t_mm = np.arange(len(rect.combined_signal)) * rect.step_mm
+    side = rect.combined.max(axis=1).T  # (Z, X); columns flipped below so anterior is on the left
+    hw_mm = rect.grid.half_width * rect.step_mm
+    axes[2].imshow(side[:, ::-1], cmap="magma", aspect="equal", extent=(hw_mm, -hw_mm, t_mm[-1], t_mm[0]))
+    axes[2].set_title("straightened Ĝ (side)")
+    axes[2].set_xlabel("anterior ← mm")
+    axes[2].set_ylabel("along the centreline (mm)")
+    if ct is not None:
+        straight_ct = rect.straighten(ct, window_mm=60.0)
+        mid = straight_ct.array.shape[1] // 2
+        hw_ct = (straight_ct.array.shape[0] // 2) * rect.step_mm
+        axes[3].imshow(straight_ct.array[::-1, mid, :].T, cmap="gray", vmin=BONE_WINDOW[0], vmax=BONE_WINDOW[1],
+                       aspect="equal", extent=(hw_ct, -hw_ct, t_mm[-1], t_mm[0]))
+        axes[3].set_title("straightened CT (mid-sagittal)")
+    signal_ax.plot(rect.combined_signal, t_mm, color="black", lw=1.2, label="Q̂")
+    for c, name in enumerate(LEVELS_26):
+        signal_ax.plot(rect.signals[:, c], t_mm, color=_REGION_COLORS[name[0]], lw=0.6, alpha=0.7)
+    for v in result.vertebrae:
+        z = v.extra.get("axis_index")
+        if z is None:
+            continue
+        signal_ax.axhline(z * rect.step_mm, color=_REGION_COLORS.get(v.region, "grey"), lw=0.5, ls=":")
+        signal_ax.annotate(f"{v.label} {v.confidence:.2f}", (signal_ax.get_xlim()[1], z * rect.step_mm), fontsize=7,
+                           va="center", ha="right")
+    signal_ax.invert_yaxis()
+    signal_ax.set_xlabel("activation (blob heights)")
+    signal_ax.set_title(f"1-D signals, {result.method} (energy {result.energy:.1f})")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -25,6 +25,7 @@ from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
 from .anatomy import LEVELS_26, NUM_CHANNELS, region
 from .errors import VertebraIDError
+from .points import render_gaussians
 from .vertebrae import Vertebra
 from .volume import Volume
 
@@ -107,71 +108,6 @@ class SimulatedCase:
 
 
 # --------------------------------------------------------------------------- rendering
-
-
-def render_gaussians(
-    centres_ras,
-    channel_weights,
-    reference,
-    sigma_mm,
-    *,
-    truncate: float = 4.0,
-    combine: str = "max",
-    out: np.ndarray | None = None,
-) -> np.ndarray:
-    """Gaussian blobs on a grid: blob n adds `channel_weights[n, c] * exp(-d^2 / 2 sigma_n^2)` to channel c.
-
-    `reference` is anything with `affine` (voxel -> RAS) and `shape3` (or an `array`); each blob
-    is evaluated only in the voxel box that holds its sphere of radius `truncate * sigma`, so the
-    cost grows with the number of blobs, not the grid. `combine` is "max" (overlapping blobs keep
-    their peaks, as a network regressing Gaussians would) or "sum". Returns float32 (I, J, K, C);
-    with `out` given, blobs are drawn into it (it must have that shape).
-    """
-    centres = np.atleast_2d(np.asarray(centres_ras, dtype=float))
-    weights = np.atleast_2d(np.asarray(channel_weights, dtype=np.float32))
-    if centres.shape[1] != 3 or weights.shape[0] != centres.shape[0]:
-        raise ValueError("centres_ras must be (N, 3) and channel_weights (N, C) with the same N.")
-    if combine not in ("max", "sum"):
-        raise ValueError("combine must be 'max' or 'sum'.")
-    sigmas = np.broadcast_to(np.asarray(sigma_mm, dtype=float), (centres.shape[0],))
-    shape = tuple(getattr(reference, "shape3", None) or np.shape(reference.array)[:3])
-    channels = weights.shape[1]
-    if out is None:
-        out = np.zeros(shape + (channels,), dtype=np.float32)
-    elif out.shape != shape + (channels,):
-        raise ValueError(f"out has shape {out.shape}, expected {shape + (channels,)}.")
-    affine = np.asarray(reference.affine, dtype=float)
-    linear = affine[:3, :3]
-    inverse = np.linalg.inv(linear)
-    gram = linear.T @ linear  # squared world distance of a voxel-index offset
-    reach = np.linalg.norm(inverse, axis=1)  # voxel extent per mm of world radius, per axis
-    ijk_centres = (centres - affine[:3, 3]) @ inverse.T
-    dims = np.array(shape)
-    for ijk, sigma, w in zip(ijk_centres, sigmas, weights):
-        active = np.flatnonzero(w)
-        if active.size == 0 or sigma <= 0:
-            continue
-        radius = truncate * sigma
-        lo = np.maximum(np.ceil(ijk - radius * reach).astype(int), 0)
-        hi = np.minimum(np.floor(ijk + radius * reach).astype(int), dims - 1)
-        if np.any(hi < lo):
-            continue
-        di, dj, dk = (np.arange(lo[a], hi[a] + 1) - ijk[a] for a in range(3))
-        di, dj, dk = di[:, None, None], dj[None, :, None], dk[None, None, :]
-        dist2 = (
-            gram[0, 0] * di * di + gram[1, 1] * dj * dj + gram[2, 2] * dk * dk
-            + 2.0 * (gram[0, 1] * di * dj + gram[0, 2] * di * dk + gram[1, 2] * dj * dk)
-        )
-        blob = np.exp(-dist2 / (2.0 * sigma * sigma)).astype(np.float32)
-        blob[dist2 > radius * radius] = 0.0
-        box = out[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1]
-        for c in active:
-            target = box[..., c]
-            if combine == "max":
-                np.maximum(target, w[c] * blob, out=target)
-            else:
-                target += w[c] * blob
-    return out
 
 
 def _smooth_noise(rng, shape, spacing, channels, amplitude, cell_mm=12.0) -> np.ndarray:

@@ -62,7 +62,7 @@ _RANDOM_PATHOLOGY_PROB = {
 
 def _draw_patient(opts: PhantomOptions, rng) -> _Patient:
     sex = opts.sex or ("female" if rng.random() < 0.5 else "male")
-    age = opts.age if opts.age is not None else float(rng.uniform(20, 90))
+    age = opts.age if opts.age is not None else float(np.clip(rng.normal(58, 17), 18, 95))  # clinical CT population
     size = opts.size if opts.size is not None else float(np.clip(rng.normal(1.0, 0.05), 0.85, 1.15))
     levels = opts.levels or ()
     transitional = opts.transitional
@@ -109,11 +109,11 @@ def _draw_patient(opts: PhantomOptions, rng) -> _Patient:
             scoliosis.append(ScoliosisCurve(-cobb * rng.uniform(0.3, 0.5), "T12", "L4"))
     density = sk.BoneDensity()
     young = np.clip((age - 25) / 60, 0, 1)
-    density.cancellous = float(rng.normal(270 - 130 * young, 20))
+    density.cancellous = float(rng.normal(250 - 160 * young, 20))  # QCT: ~230 HU at 25 y, ~120 at 70 y
     if "osteoporosis" in pathologies:
         density.cancellous = float(rng.uniform(40, 110))
     density.cancellous = float(np.clip(density.cancellous, 30, 350))
-    density.cortex = float(rng.normal(1350 - 200 * young, 80))
+    density.cortex = float(rng.normal(1250 - 200 * young, 80))
     density.rib_core = density.cancellous * 0.8
     habitus = soft.Habitus(
         sex=sex, size=size * (0.94 if sex == "female" else 1.0),
@@ -312,6 +312,10 @@ def generate_phantom(seed: int, options: PhantomOptions | None = None, **kwargs)
         if above is not None:
             z_hi = min(z_hi, max(above.centre[2] - 0.3 * above.dims.height, cond.body_extent_along(seg_top, axis)[1]))
         z_lo = max(z_lo, min(below.centre[2] + 0.3 * below.dims.height, cond.body_extent_along(seg_bottom, axis)[0]))
+        if bottom == "S2":  # pelvic scans often reach the hips and below
+            z_lo -= rng_scan.uniform(0, 130) * patient.size
+        if top == "C1":  # and neck scans the skull base
+            z_hi += rng_scan.uniform(0, 60) * patient.size
     z_lo, z_hi = min(z_lo, z_hi), max(z_lo, z_hi)
     if opts.shape is not None:
         nx, ny, nz = opts.shape
@@ -353,8 +357,9 @@ def generate_phantom(seed: int, options: PhantomOptions | None = None, **kwargs)
     origin = np.array([cx - 0.5 * (nx - 1) * spacing[0], cy - 0.5 * (ny - 1) * spacing[1], z_lo])
     grid = Grid(origin, spacing, (nx, ny, nz))
     # thick slices: render k thin sub-slices per slice and average them (the slice profile)
-    sub = int(np.ceil(spacing[2] / (1.5 * spacing[0])))
-    sub = sub + 1 if sub % 2 == 0 else sub
+    ratio = spacing[2] / spacing[0]
+    sub = 1 if ratio < 2.0 else int(np.ceil(ratio / 1.5))
+    sub = sub + 1 if sub % 2 == 0 else sub  # odd: the middle sub-slice is the slice centre (for the masks)
     fine_spacing = np.array([spacing[0], spacing[1], spacing[2] / sub])
     fine = Grid(origin - np.array([0, 0, (sub - 1) / 2 * fine_spacing[2]]), fine_spacing, (nx, ny, nz * sub))
     timings["geometry"] = time.perf_counter() - t1
@@ -382,10 +387,11 @@ def generate_phantom(seed: int, options: PhantomOptions | None = None, **kwargs)
     zero = np.zeros(3)
     for solid in organs + canal + discs:
         composite(solid.transformed(rot, zero), fine, ct)
+    rng_texture = np.random.default_rng(rng_noise.integers(2**63))
     for solid in bones:
-        composite(solid.transformed(rot, zero), fine, ct)
+        composite(solid.transformed(rot, zero), fine, ct, rng=rng_texture)
     for solid in labelled:
-        composite(solid.transformed(rot, zero), fine, ct, mask, body_mask)
+        composite(solid.transformed(rot, zero), fine, ct, mask, body_mask, rng=rng_texture)
     for solid in metal:
         composite(solid.transformed(rot, zero), fine, ct)
     if sub > 1:
@@ -405,8 +411,8 @@ def generate_phantom(seed: int, options: PhantomOptions | None = None, **kwargs)
     if opts.noise_hu is not None:
         noise = opts.noise_hu
     else:
-        noise = rng_noise.uniform(45, 110) if low_dose else rng_noise.uniform(8, 30)
-        noise *= float(np.clip((1.5 / np.sqrt(spacing[0] * spacing[1] * spacing[2] / 1.5)), 0.6, 1.8))
+        noise = rng_noise.uniform(35, 75) if low_dose else rng_noise.uniform(8, 28)
+        noise *= float(np.clip((1.5 / np.sqrt(spacing[0] * spacing[1] * spacing[2] / 1.5)), 0.6, 1.4))
     if opts.blur_mm is not None:
         blur = opts.blur_mm
     else:
@@ -466,7 +472,9 @@ def generate_phantom(seed: int, options: PhantomOptions | None = None, **kwargs)
         "patient": {
             "sex": patient.sex, "age": round(patient.age, 1), "size": round(patient.size, 3),
             "transitional": patient.transitional, "rib_pairs": sk_opts["rib_pairs"] + (1 if patient.transitional == "13_ribs" else 0),
-            "curvature_deg": {k: round(v, 1) for k, v in vars(patient.curvature).items()},
+            "curvature_deg": {**{k: round(v, 1) for k, v in vars(patient.curvature).items() if k != "sacral_slope"},
+                              "sacral_slope_measured": round(float(np.degrees(np.arctan2(
+                                  spine.segment("S1").z[1], spine.segment("S1").z[2]))), 1)},
             "scoliosis": [{"cobb_deg": round(c.cobb_deg, 1), "upper": c.upper, "lower": c.lower} for c in patient.scoliosis],
             "fractures": {k: f"{v['grade']} {v['kind']}" for k, v in patient.fractures.items()},
             "cancellous_hu": round(dens.cancellous, 1), "cortex_hu": round(dens.cortex, 1),

@@ -1,7 +1,8 @@
 """Adult vertebral dimensions per level (millimetres), the phantom's anatomical reference.
 
-Values are rounded (approximate, transcribed to 0.5 mm) means of adult male spines from direct and CT morphometry; a female spine
-is scaled by `FEMALE_SCALE`. Sources (per column, by region):
+Values are rounded means (to 0.5 mm) of adult male spines from direct and CT morphometry,
+transcribed approximately from the tables of the sources below; a female spine is scaled by
+`FEMALE_SCALE`. Sources (per column, by region):
 
 - [P91c] Panjabi MM, Duranceau J, Goel V, Oxland T, Takata K. Cervical human vertebrae:
   quantitative three-dimensional anatomy of the middle and lower regions. Spine

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 from ..errors import VertebraIDError
 
@@ -184,7 +184,6 @@ class PhantomOptions:
     blur_mm: float | None = None  # Gaussian PSF sigma in-plane
     hu_max: int = 3071  # metal is clipped here (12-bit CT); max 32767
     with_body_mask: bool = False  # also return the vertebral-body mask (project label ids)
-    extras: dict = field(default_factory=dict)
 
     def validated(self) -> "PhantomOptions":
         o = PhantomOptions(**{f.name: getattr(self, f.name) for f in fields(self)})

@@ -107,10 +107,17 @@ class Primitive:
         raise NotImplementedError
 
     def sdf(self, X, Y, Z):
-        d = self._sdf(X, Y, Z)
+        return self.sdf_pair(X, Y, Z)[0]
+
+    def _planes(self, d, X, Y, Z):
         for p0, n in getattr(self, "planes", ()):
             d = np.maximum(d, (X - F32(p0[0])) * F32(n[0]) + (Y - F32(p0[1])) * F32(n[1]) + (Z - F32(p0[2])) * F32(n[2]))
         return d
+
+    def sdf_pair(self, X, Y, Z):
+        """(outer distance, inner distance): the inner surface bounds the core (shell removed)."""
+        d = self._planes(self._sdf(X, Y, Z), X, Y, Z)
+        return d, d + F32(self.shell)
 
     def transformed(self, rotation: np.ndarray, translation: np.ndarray) -> "Primitive":
         raise NotImplementedError
@@ -146,6 +153,7 @@ class VertebralBody(Primitive):
     rounding: float = 1.5
     shell: float = 0.8
     planes: list = field(default_factory=list)
+    endplate: float = 0.0  # endplate thickness (mm) when thicker than the side walls
 
     def bbox(self):
         h = max(self.height_ant, self.height_post) / 2 + 1
@@ -170,13 +178,25 @@ class VertebralBody(Primitive):
         rr = F32(self.rounding)
         q1, q2 = d_xy + rr, d_z + rr
         outside = np.sqrt(np.maximum(q1, 0) ** 2 + np.maximum(q2, 0) ** 2)
-        return np.minimum(np.maximum(q1, q2), 0) + outside - rr
+        d = np.minimum(np.maximum(q1, q2), 0) + outside - rr
+        self._inner = np.maximum(d_xy + F32(self.shell), d_z + F32(max(self.endplate, self.shell)))
+        return d
+
+    def sdf_pair(self, X, Y, Z):
+        d = self._sdf(X, Y, Z)
+        inner = self._inner
+        self._inner = None
+        if not self.planes:
+            return d, inner
+        d = self._planes(d, X, Y, Z)
+        return d, np.maximum(inner, d + F32(self.shell))
 
     def transformed(self, rotation, translation):
         return VertebralBody(
             rotation @ self.centre + translation, rotation @ self.frame, self.width, self.depth,
             self.height_ant, self.height_post, self.concavity, self.waist, self.exponent,
             self.posterior_concavity, self.rounding, self.shell, self._move_planes(rotation, translation),
+            self.endplate,
         )
 
     def centroid_offset(self) -> np.ndarray:
@@ -444,7 +464,7 @@ class Solid:
     `partitioned`: the primitives do not overlap (a mitred tube), so each is composited on its
     own box instead of one union box (much cheaper for long curved bones such as ribs).
     `carve`: primitives removed from the union (holes get their own shell).
-    `core_texture`: relative amplitude of a smooth random variation of the core HU.
+    `texture`: relative amplitude of voxel noise in the core HU (trabecular pattern).
     """
 
     name: str
@@ -456,12 +476,13 @@ class Solid:
     carve: list = field(default_factory=list)
     body: list = field(default_factory=list)  # (part index, label) of vertebral bodies, for the body mask
     metal: bool = False
+    texture: float = 0.0  # relative amplitude of voxel noise in the core (trabecular pattern)
 
     def transformed(self, rotation, translation) -> "Solid":
         return Solid(
             self.name, [p.transformed(rotation, translation) for p in self.parts], self.shell_hu, self.core_hu,
             self.label, self.partitioned, [p.transformed(rotation, translation) for p in self.carve],
-            list(self.body), self.metal,
+            list(self.body), self.metal, self.texture,
         )
 
 
@@ -481,16 +502,20 @@ def _union(prims, grid: Grid, box, with_shell=True):
         if sub is None:
             continue
         absolute = tuple(slice(b.start + s.start, b.start + s.stop) for b, s in zip(box, sub))
-        d = p.sdf(*grid.axes(absolute))
-        np.minimum(D[sub], d, out=D[sub])
         if with_shell:
-            np.minimum(D_in[sub], d + F32(p.shell), out=D_in[sub])
+            d, d_in = p.sdf_pair(*grid.axes(absolute))
+            np.minimum(D_in[sub], d_in, out=D_in[sub])
+        else:
+            d = p.sdf(*grid.axes(absolute))
+        np.minimum(D[sub], d, out=D[sub])
     return D, D_in
 
 
 def composite(solid: Solid, grid: Grid, ct: np.ndarray, mask: np.ndarray | None = None,
-              body_mask: np.ndarray | None = None) -> None:
-    """Render one solid into `ct` (float32 HU, in place), and its label into `mask`."""
+              body_mask: np.ndarray | None = None, rng=None) -> None:
+    """Render one solid into `ct` (float32 HU, in place), and its label into `mask`.
+
+    With `rng` and a `texture`, the core HU varies voxel by voxel (trabecular bone)."""
     groups = [[p] for p in solid.parts] if solid.partitioned else [solid.parts]
     aa = F32(grid.antialias_mm)
     for prims in groups:
@@ -510,7 +535,13 @@ def composite(solid: Solid, grid: Grid, ct: np.ndarray, mask: np.ndarray | None 
         if not a_out.any():
             continue
         a_in = np.clip(F32(0.5) - D_in / aa, 0, 1)
-        value = F32(solid.shell_hu) * (a_out - a_in) + F32(solid.core_hu) * a_in
+        if rng is not None and solid.texture > 0:
+            core = rng.standard_normal(a_in.shape, dtype=F32)
+            core *= F32(solid.texture * abs(solid.core_hu))
+            core += F32(solid.core_hu)
+            value = F32(solid.shell_hu) * (a_out - a_in) + core * a_in
+        else:
+            value = F32(solid.shell_hu) * (a_out - a_in) + F32(solid.core_hu) * a_in
         region = ct[box]
         region *= 1 - a_out
         region += value

@@ -59,10 +59,13 @@ def _body(seg: Segment, fracture_concavity: float = 0.0) -> tuple[VertebralBody,
         concavity += f.get("extra_concavity", 0.0)
     exponent = {"C": 2.6, "T": 2.2, "L": 2.5, "S": 2.4}.get(region, 2.3)
     post = {"C": 0.5, "T": 1.5, "L": 3.0, "S": 2.0}.get(region, 1.0)
+    # the rounded rims and the waist make the rendered extremes ~2 % (width) and ~6 % (depth)
+    # smaller than the nominal box; compensate so that the rendered body has the published size
     body = VertebralBody(
-        np.zeros(3), np.eye(3), d.width, d.depth, h_ant, h_post, concavity=concavity,
+        np.zeros(3), np.eye(3), d.width * 1.02, d.depth * 1.06, h_ant, h_post, concavity=concavity,
         waist={"T": 0.07, "L": 0.07, "S": 0.0}.get(region, 0.04), exponent=exponent, posterior_concavity=post,
         rounding={"C": 1.2, "S": 1.0}.get(region, 1.8), shell=0.8 if region != "C" else 0.7,
+        endplate={"C": 1.0, "T": 1.3, "L": 1.5, "S": 1.2}.get(region, 1.2),
     )
     offset = body.centroid_offset()
     body.centre = -offset
@@ -73,7 +76,7 @@ def _local_solid(seg: Segment, parts_local, name, shell_hu, core_hu, label=0, bo
     """Solid whose primitives were built in the segment frame, moved into the patient frame."""
     parts = [p.transformed(seg.frame, seg.centre) for p in parts_local]
     carved = [p.transformed(seg.frame, seg.centre) for p in carve]
-    solid = Solid(name, parts, shell_hu, core_hu, label=label, carve=carved)
+    solid = Solid(name, parts, shell_hu, core_hu, label=label, carve=carved, texture=0.3)
     solid.body = list(body)
     return solid
 
@@ -95,7 +98,7 @@ def _posterior_elements(seg: Segment, y_wall: float, options) -> list:
     lam_h = {"C": 0.45, "T": 0.55, "L": 0.5}[region] * h + (4 if region == "L" else 2)
     y_lam = y_wall - cd - lam_t
     z_lam = -0.05 * h
-    shell = {"C": 1.0, "T": 1.1, "L": 1.3}[region]
+    shell = {"C": 0.9, "T": 1.0, "L": 1.1}[region]
     for side in (-1.0, 1.0):
         # pedicle
         parts.append(Capsule([side * x_start, y_wall + 3, z_p], [side * xp, y_j, z_p],
@@ -250,7 +253,8 @@ def sacrum_solid(segments: list[Segment], density: BoneDensity) -> Solid:
             a = mid + frame @ np.array([side * x, 8.0, 0.0])
             b = mid + frame @ np.array([side * (x - 2), -25.0, 0.0])
             foramina.append(Capsule(a, b, (3.5 * scale, 3.0 * scale), (3.0, 2.5), None, 0.8))
-    solid = Solid("sacrum", all_parts, density.cortex, density.cancellous, label=VERSE_IDS["S1"], carve=foramina)
+    solid = Solid("sacrum", all_parts, density.cortex, density.cancellous, label=VERSE_IDS["S1"], carve=foramina,
+                  texture=0.3)
     solid.body = body
     return solid
 
@@ -280,8 +284,8 @@ def disc_solids(spine: SpineShape, density: BoneDensity, degeneration: float = 0
         cu = upper.to_patient(bu.centre)
         cl = lower.to_patient(bl.centre)
         centre = 0.5 * (cu + cl)
-        width = 0.5 * (upper.dims.width + lower.dims.width) * 1.03
-        depth = 0.5 * (upper.dims.depth + lower.dims.depth) * 1.04
+        width = 0.5 * (bu.width + bl.width) * 1.02
+        depth = 0.5 * (bu.depth + bl.depth) * 1.02
         gap = np.linalg.norm(cu - cl)
         height = gap  # spans both body centres; bodies are drawn over it
         disc = VertebralBody(centre, frame, width, depth, height, height, concavity=0.0, waist=0.0,
@@ -578,32 +582,44 @@ def skull_solids(spine: SpineShape, density: BoneDensity, size: float) -> list[S
         return []
     s = size
     up = Z_UP
-    centre = c1.centre + np.array([0.0, 12.0, 78.0]) * s
-    radii = np.array([72.0, 92.0, 80.0]) * s
+    o = c1.centre
     eye = np.eye(3)
+    centre = o + np.array([0.0, 14.0, 98.0]) * s
+    radii = np.array([70.0, 90.0, 76.0]) * s
     brain = Solid("brain", [Ellipsoid(centre, eye, tuple(radii - 7 * s), shell=2.0)], 25.0, 35.0)
     vault = Ellipsoid(centre, eye, tuple(radii), shell=1.8, hollow=7.0 * s)
-    base = Ellipsoid(c1.centre + np.array([0.0, 18.0, 32.0]) * s, eye, (52 * s, 60 * s, 16 * s), shell=2.0)
-    condyles = [Ellipsoid(c1.centre + np.array([side * 14.0, 3.0, 11.0]) * s, eye, (7 * s, 10 * s, 6 * s), shell=1.0)
+    # skull base: occipital plate sloping down to the foramen magnum, clivus rising in front of it
+    occiput = Capsule(o + np.array([0.0, -55.0, 52.0]) * s, o + np.array([0.0, -14.0, 24.0]) * s,
+                      (6 * s, 48 * s), (5 * s, 30 * s), [1.0, 0, 0], 1.5)
+    clivus = Capsule(o + np.array([0.0, 14.0, 24.0]) * s, o + np.array([0.0, 42.0, 58.0]) * s,
+                     (9 * s, 14 * s), (12 * s, 18 * s), [1.0, 0, 0], 1.5)
+    petrous = [Capsule(o + np.array([side * 45.0, -5.0, 32.0]) * s, o + np.array([side * 14.0, 30.0, 48.0]) * s,
+                       (9 * s, 9 * s), (6 * s, 6 * s), None, 1.5) for side in (-1.0, 1.0)]
+    condyles = [Ellipsoid(o + np.array([side * 14.0, 3.0, 11.0]) * s, eye, (7 * s, 10 * s, 6 * s), shell=1.0)
                 for side in (-1.0, 1.0)]
-    mastoids = [Ellipsoid(c1.centre + np.array([side * 48.0, -2.0, 22.0]) * s, eye, (12 * s, 14 * s, 16 * s), shell=1.5)
+    mastoids = [Ellipsoid(o + np.array([side * 50.0, -4.0, 24.0]) * s, eye, (10 * s, 12 * s, 15 * s), shell=1.5)
                 for side in (-1.0, 1.0)]
-    magnum = Capsule(c1.centre + np.array([0.0, -4.0, 10.0]) * s, c1.centre + np.array([0.0, -8.0, 60.0]) * s,
-                     (15 * s, 15 * s), (18 * s, 18 * s), None, 1.2)
-    skull = Solid("skull", [vault, base] + condyles + mastoids, density.cortex * 1.05, density.cancellous * 2.0,
-                  carve=[magnum])
+    magnum = Capsule(o + np.array([0.0, -2.0, 8.0]) * s, o + np.array([0.0, -4.0, 45.0]) * s,
+                     (16 * s, 14 * s), (16 * s, 14 * s), [0, 1.0, 0], 1.2)
+    skull = Solid("skull", [vault, occiput, clivus] + petrous + condyles + mastoids, density.cortex * 1.05,
+                  density.cancellous * 2.0, carve=[magnum], texture=0.2)
     skull.body = []
     out = [brain, skull]
-    # mandible: rami up to the jaw joints, body forward to the chin
-    pts = []
-    for x, y, z in [(-48, 12, 40), (-47, 16, 5), (-42, 30, -14), (-25, 62, -22), (0, 78, -26),
-                    (25, 62, -22), (42, 30, -14), (47, 16, 5), (48, 12, 40)]:
-        pts.append(c1.centre + np.array([x, y, z]) * s)
-    jaw = Solid("mandible", tube(np.array(pts), [(14 * s, 5 * s)] * len(pts), up, shell=2.0),
-                density.cortex * 1.05, density.cancellous * 1.2, partitioned=True)
-    out.append(jaw)
-    maxilla = Solid("maxilla", [Ellipsoid(c1.centre + np.array([0.0, 62.0, 12.0]) * s, eye, (32 * s, 22 * s, 12 * s),
-                                          shell=2.5)], density.cortex, density.cancellous * 1.5)
-    maxilla.body = []
-    out.append(maxilla)
+    # face: maxilla with air sinuses, mandible (rami up to the jaw joints, body to the chin), teeth
+    maxilla = Ellipsoid(o + np.array([0.0, 68.0, 32.0]) * s, eye, (34 * s, 24 * s, 24 * s), shell=2.0, hollow=4.0 * s)
+    out.append(Solid("maxilla", [maxilla], density.cortex, density.cancellous * 1.5))
+    out.append(Solid("sinus air", [Ellipsoid(o + np.array([0.0, 68.0, 34.0]) * s, eye, (28 * s, 18 * s, 18 * s), shell=0.5)],
+                     -900.0, -950.0))
+    jaw_pts = [(-48, 10, 42), (-47, 14, 8), (-42, 26, -12), (-28, 55, -20), (0, 74, -24),
+               (28, 55, -20), (42, 26, -12), (47, 14, 8), (48, 10, 42)]
+    pts = np.array([o + np.array(q, float) * s for q in jaw_pts])
+    out.append(Solid("mandible", tube(pts, [(13 * s, 5 * s)] * len(pts), up, shell=2.0),
+                     density.cortex * 1.05, density.cancellous * 1.2, partitioned=True))
+    teeth = []
+    for arch_z, arch_y in ((-10.0, 0.0), (14.0, 4.0)):
+        for ang in np.linspace(-70, 70, 12):
+            a = np.radians(ang)
+            teeth.append(Ellipsoid(o + np.array([36 * np.sin(a), 30 + 36 * np.cos(a) + arch_y, arch_z]) * s, eye,
+                                   (3.5 * s, 3.5 * s, 5.0 * s), shell=1.0))
+    out.append(Solid("teeth", teeth, 2600.0, 1500.0, partitioned=True))
     return out

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .render import F32, Capsule, Ellipsoid, Grid, Solid, tube
+from .render import F32, Ellipsoid, Grid, Solid, tube
 from .spine_shape import SpineShape
 
 HU_AIR = -1000.0
@@ -211,7 +211,7 @@ def _step(d, aa):
     return np.clip(F32(0.5) - d / F32(aa), 0, 1)
 
 
-_CHUNK = 12  # slices per slab: keeps temporaries in cache
+_CHUNK_VOXELS = 2_000_000  # voxels per slab: keeps temporaries in cache
 
 
 def render_soft_tissue(grid: Grid, model: SliceModel, habitus: Habitus, rng) -> np.ndarray:
@@ -223,8 +223,9 @@ def render_soft_tissue(grid: Grid, model: SliceModel, habitus: Habitus, rng) -> 
         bowel = SmoothNoise(grid.shape, np.round(11.0 / grid.spacing), rng)
     if model.thorax.any():
         lung_tex = SmoothNoise(grid.shape, np.round(5.0 / grid.spacing), rng)
-    for k0 in range(0, nz, _CHUNK):
-        k1 = min(k0 + _CHUNK, nz)
+    chunk = max(1, _CHUNK_VOXELS // (nx * ny))
+    for k0 in range(0, nz, chunk):
+        k1 = min(k0 + chunk, nz)
         ct[:, :, k0:k1] = _soft_chunk(grid, model, habitus, k0, k1, bowel, lung_tex)
     return ct
 
@@ -256,10 +257,11 @@ def _soft_chunk(grid, model, habitus, k0, k1, bowel, lung_tex):
     ct += (F32(35.0) - F32(habitus.muscle_hu)) * cavity
     if bowel is not None and model.abdomen[k0:k1].any():
         field = bowel.chunk(k0, k1)
-        fat_share = F32(0.2 + 0.8 * habitus.visceral)
-        # bowel wall and content ~ 28 HU, fat between the loops, gas in the lumen
-        tissue = F32(28.0) + (F32(HU_FAT) - F32(28.0)) * np.clip((fat_share - F32(0.6) - field) * 3, 0, 1)
-        tissue += (F32(HU_AIR) - tissue) * np.clip((field - F32(1.25)) * 4, 0, 1)
+        theta = F32(1.1 * habitus.visceral - 0.55)  # more visceral fat -> fewer, thinner loops
+        inside = np.clip((field - theta) * 4, 0, 1)  # 0 in the fat between loops, 1 in a loop
+        wall = np.clip(1 - np.abs(field - theta - F32(0.12)) * 6, 0, 1)  # bowel wall ridge
+        tissue = F32(HU_FAT) + (F32(18.0) - F32(HU_FAT)) * inside + F32(25.0) * wall
+        tissue += (F32(HU_AIR) - tissue) * np.clip((field - theta - F32(1.05)) * 5, 0, 1)  # gas in the lumen
         ct += (tissue - F32(35.0)) * cavity * p(model.abdomen)
     if lung_tex is not None and model.thorax[k0:k1].any():
         lx = X - p(model.cage_cx)
@@ -335,8 +337,8 @@ def organ_solids(spine: SpineShape, cage, hip_centres, habitus: Habitus, rng) ->
     pts = np.array(pts)
     for side in (-1.0, 1.0):
         shifted = pts + np.array([side * 30.0 * s, 0, 0])
-        out.append(Solid(f"erector spinae {side:+.0f}", tube(shifted, rad_l, [0, 1.0, 0], shell=3.0),
-                         muscle - 25, muscle - 10, partitioned=True))
+        out.append(Solid(f"erector spinae {side:+.0f}", tube(shifted, rad_l, [0, 1.0, 0], shell=1.5),
+                         -40.0, muscle - 5, partitioned=True))
     # psoas: from T12/L1 to the pelvis, growing
     names = ["L1", "L2", "L3", "L4", "L5", "S1"]
     ps = [n for n in names if seg(n) is not None]
@@ -352,8 +354,8 @@ def organ_solids(spine: SpineShape, cage, hip_centres, habitus: Habitus, rng) ->
                 hip = hip_centres[0 if side > 0 else 1]
                 path.append(hip + np.array([-side * 12.0, 28.0, 25.0]) * s)
                 radii.append((20 * s, 15 * s))
-            out.append(Solid(f"psoas {side:+.0f}", tube(np.array(path), radii, [0, 0, 1.0], shell=2.0),
-                             muscle - 20, muscle, partitioned=True))
+            out.append(Solid(f"psoas {side:+.0f}", tube(np.array(path), radii, [0, 0, 1.0], shell=1.5),
+                             -60.0, muscle, partitioned=True))
     # abdominal organs
     t11, l1, l2 = seg("T11"), seg("L1"), seg("L2")
     if t11 is not None and l1 is not None:
@@ -370,6 +372,7 @@ def organ_solids(spine: SpineShape, cage, hip_centres, habitus: Habitus, rng) ->
             tilt = np.radians(15) * side
             frame = np.array([[np.cos(tilt), -np.sin(tilt), 0], [np.sin(tilt), np.cos(tilt), 0], [0, 0, 1.0]])
             kid = Ellipsoid(c, frame, (28 * s, 22 * s, 55 * s), shell=5.0)
+            out.append(Solid(f"perirenal fat {name}", [Ellipsoid(c, frame, (40 * s, 33 * s, 68 * s), shell=3.0)], -90.0, -85.0))
             out.append(Solid(f"kidney {name}", [kid], 32.0 if not con else 190.0, 25.0 if not con else 140.0))
             out.append(Solid(f"renal sinus {name}", [Ellipsoid(c + np.array([-side * 14.0, 8.0, 0.0]) * s, frame,
                                                                (9 * s, 8 * s, 22 * s), shell=0.5)], -60.0, -80.0))
@@ -416,7 +419,7 @@ def organ_solids(spine: SpineShape, cage, hip_centres, habitus: Habitus, rng) ->
         for n in ["C2", "C4", "C6", "T1", "T3", "T5"]:
             g = seg(n)
             if g is not None:
-                lead = {"C": 30.0, "T": 35.0}[n[0]]
+                lead = {"C2": 14.0, "C4": 16.0, "C6": 24.0}.get(n, 30.0)
                 path.append(g.centre + g.y * (g.dims.depth / 2 + lead * s))
         path = np.array(path)
         radii = [(9 * s, 12 * s)] * len(path)

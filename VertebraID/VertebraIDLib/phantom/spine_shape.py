@@ -28,7 +28,7 @@ C1_ABOVE_C2_MM = 18.0
 class Curvature:
     """Sagittal angles (degrees). Positive kyphosis / lordosis are the normal directions."""
 
-    sacral_slope: float = 45.0
+    sacral_slope: float = 45.0  # start angle of the integration; the final pose is set by the S2-T7 chord
     lumbar_lordosis: float = 50.0
     thoracic_kyphosis: float = 38.0
     upper_thoracic_kyphosis: float = 8.0
