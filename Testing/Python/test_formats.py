@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from VertebraIDLib.anatomy import REGION_COLORS
 from VertebraIDLib import formats
 from VertebraIDLib.errors import VertebraIDError
 from VertebraIDLib.vertebrae import Vertebra, sort_by_level
@@ -252,7 +253,7 @@ def test_markups_point_list_is_valid_and_round_trips(tmp_path, markups_validator
 def test_markups_single_region_colour(markups_validator):
     data = formats.markups_point_list_dict([Vertebra("L2", [0, 0, 0]), Vertebra("L3", [0, 0, -30])])
     markups_validator.validate(data)
-    assert tuple(data["markups"][0]["display"]["color"]) == formats.REGION_COLORS["L"]
+    assert tuple(data["markups"][0]["display"]["color"]) == REGION_COLORS["L"]
 
 
 def test_curve_markups_valid(tmp_path, markups_validator):

@@ -44,9 +44,23 @@ TYPICAL_GAP_MM = {
 }
 
 
+#: Display colour (RGB 0..1) of each spine region: markups, Slicer views, QC pictures.
+REGION_COLORS = {
+    "C": (0.95, 0.75, 0.2),
+    "T": (0.3, 0.8, 0.3),
+    "L": (0.3, 0.6, 1.0),
+    "S": (0.85, 0.4, 0.85),
+}
+
+
 def region(label: str) -> str:
     """Region letter of a level name: 'C', 'T', 'L' or 'S'."""
     return label[0]
+
+
+def region_color(label: str) -> tuple[float, float, float]:
+    """Display colour of a level's region."""
+    return REGION_COLORS[region(label)]
 
 
 def is_known_label(label: str) -> bool:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .anatomy import LABEL_IDS, VERSE_IDS, VERSE_NAMES, is_known_label, region
+from .anatomy import LABEL_IDS, REGION_COLORS, VERSE_IDS, VERSE_NAMES, is_known_label, region
 from .errors import VertebraIDError
 from .fileio import write_json_atomic, write_text_atomic
 from .vertebrae import Vertebra, sort_by_level
@@ -45,13 +45,6 @@ MARKUPS_SCHEMA = (
     "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"
     "Resources/Schema/markups-schema-v1.0.3.json#"
 )
-#: Display colour (RGB 0..1) of each spine region, for markups and views.
-REGION_COLORS = {
-    "C": (0.95, 0.75, 0.2),
-    "T": (0.3, 0.8, 0.3),
-    "L": (0.3, 0.6, 1.0),
-    "S": (0.85, 0.4, 0.85),
-}
 _DEFAULT_MARKUPS_COLOR = (1.0, 1.0, 0.3)
 _LPS_IDENTITY_ORIENTATION = [-1.0, -0.0, -0.0, -0.0, -1.0, -0.0, 0.0, 0.0, 1.0]
 _CONFIDENCE_IN_DESCRIPTION = re.compile(r"confidence\s*[:=]?\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
@@ -60,11 +53,6 @@ _CONFIDENCE_IN_DESCRIPTION = re.compile(r"confidence\s*[:=]?\s*([0-9]*\.?[0-9]+(
 REGION_KEYS = ("C", "T", "L", "S")
 VID_REGION_KEYS = ("C", "T", "L")
 VID_KEYPOINT_TYPES = ("body", "left", "right")
-
-
-def region_color(label: str) -> tuple[float, float, float]:
-    """Display colour of a level's region."""
-    return REGION_COLORS[region(label)]
 
 
 # --------------------------------------------------------------------------- helpers

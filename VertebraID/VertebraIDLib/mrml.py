@@ -18,19 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .anatomy import LABEL_IDS, LEVELS_26, region
+from .anatomy import LABEL_IDS, LEVELS_26, REGION_COLORS, region
 from .errors import VertebraIDError
 from .fileio import atomic_path
 from .vertebrae import Vertebra
 from .volume import Volume
 
-#: Display colours (RGB 0..1) of the four spine regions.
-REGION_COLORS = {
-    "C": (0.35, 0.65, 1.00),
-    "T": (0.35, 0.85, 0.35),
-    "L": (1.00, 0.65, 0.20),
-    "S": (0.85, 0.45, 0.95),
-}
 REGION_ORDER = ("C", "T", "L", "S")
 
 #: Node / subject-hierarchy attribute names (namespaced, so they survive scene save/load).

@@ -311,7 +311,9 @@ def _solve_exact_at_scale(model: EnergyModel, fixed: list[FixedLevel] | None = N
         prev_k = int(k - gaps[j])
         j = int(cont_arg[prev_lvl][prev_k, j])
         lvl, k = prev_lvl, prev_k
-    return Chain(levels[::-1], positions[::-1], float(energy))
+    levels, positions = levels[::-1], positions[::-1]
+    # the DP runs in float32; report the chain's energy in float64 like every other solver
+    return Chain(levels, positions, model.chain_energy(levels, positions))
 
 
 # --------------------------------------------------------------------------- confidence

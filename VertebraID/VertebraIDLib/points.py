@@ -107,6 +107,16 @@ def level_weights(probabilities: dict | None) -> np.ndarray:
     return w / peak if peak > 0 else np.ones(NUM_CHANNELS, np.float32)
 
 
+def has_level_evidence(probabilities: list[dict | None] | None) -> bool:
+    """Whether any point names a level (not only a region).
+
+    The paper's anchor weights say that C1, C2, S1 and S2 are told apart from their neighbours
+    more reliably; evidence that only names a region carries no such distinction, so with it
+    the weights would only pull chains towards the ends of the spine.
+    """
+    return any(p and any(k not in REGIONS for k in p) for p in (probabilities or []))
+
+
 def grid_around(positions_ras: np.ndarray, spacing_mm: float, margin_mm: float) -> Volume:
     """An empty axis-aligned RAS grid covering the points plus a margin."""
     lo = positions_ras.min(axis=0) - margin_mm
@@ -182,6 +192,9 @@ def label_points(
 ) -> PointLabelling:
     """Label unlabelled points: render, locate, then give each chain vertebra its nearest point.
 
+    The anchor weights apply only when some point carries level probabilities (see
+    `has_level_evidence`).
+
     A chain vertebra takes the nearest input point within `match_mm` (each point at most once,
     closest pairs first); points left over are rejected. Chain vertebrae with no point are the
     optimiser's inference of a missed vertebra, kept when `include_inferred`.
@@ -191,7 +204,7 @@ def label_points(
         empty = locate(Volume(np.zeros((2, 2, 2, NUM_CHANNELS), np.float32), np.eye(4)), options)
         return PointLabelling(empty, [], [])
     heatmaps, combined = render_point_evidence(positions, probabilities, sigma_mm, spacing_mm)
-    options = replace(options, sigma_mm=sigma_mm)
+    options = replace(options, sigma_mm=sigma_mm, weighted=options.weighted and has_level_evidence(probabilities))
     result = locate(heatmaps, options, constraints, combined=combined, energy_params=energy_params)
 
     chain = result.vertebrae

@@ -16,13 +16,13 @@ import os
 
 import numpy as np
 
+from .anatomy import REGION_COLORS
 from .errors import VertebraIDError
 from .fileio import atomic_path
 from .volume import Volume
 
 #: Display window (HU) that shows bone and soft tissue.
 BONE_WINDOW = (-250.0, 1250.0)
-_REGION_COLORS = {"C": (0.95, 0.75, 0.2), "T": (0.3, 0.8, 0.3), "L": (0.3, 0.6, 1.0), "S": (0.85, 0.4, 0.85)}
 
 
 def _figure_module():
@@ -160,7 +160,7 @@ def render_views(ct: Volume, vertebrae=None, centerline_ras=None, title: str | N
     fontsize = max(5.0, min(9.0, 0.9 * height_in))
     for v in vertebrae:
         p = np.asarray(v.position, float)
-        color = _REGION_COLORS.get(v.label[0], (1.0, 1.0, 0.3))
+        color = REGION_COLORS.get(v.label[0], (1.0, 1.0, 0.3))
         for ax, horizontal in ((axes[0], p[1]), (axes[1], p[0])):
             ax.plot(horizontal, p[2], "o", ms=3.5, color=color, mec="black", mew=0.5)
             ax.annotate(v.label, (horizontal, p[2]), xytext=(5, 0), textcoords="offset points", color=color,
@@ -224,7 +224,7 @@ def result_figure(result, ct: Volume | None = None, title: str | None = None):
         axes[0].plot(c[:, 0], c[:, 2], "-", color="cyan", lw=1)
         axes[1].plot(c[:, 1], c[:, 2], "-", color="cyan", lw=1)
     for v in result.vertebrae:
-        color = _REGION_COLORS.get(v.region, "white")
+        color = REGION_COLORS.get(v.region, "white")
         for ax, h in ((axes[0], v.position[0]), (axes[1], v.position[1])):
             ax.plot(h, v.position[2], "o", ms=3, color=color, mec="black", mew=0.4)
             ax.annotate(v.label, (h, v.position[2]), xytext=(4, 0), textcoords="offset points", color=color, fontsize=7)
@@ -256,12 +256,12 @@ def result_figure(result, ct: Volume | None = None, title: str | None = None):
         axes[3].set_title("straightened CT (mid-sagittal)")
     signal_ax.plot(rect.combined_signal, t_mm, color="black", lw=1.2, label="Q̂")
     for c, name in enumerate(LEVELS_26):
-        signal_ax.plot(rect.signals[:, c], t_mm, color=_REGION_COLORS[name[0]], lw=0.6, alpha=0.7)
+        signal_ax.plot(rect.signals[:, c], t_mm, color=REGION_COLORS[name[0]], lw=0.6, alpha=0.7)
     for v in result.vertebrae:
         z = v.extra.get("axis_index")
         if z is None:
             continue
-        signal_ax.axhline(z * rect.step_mm, color=_REGION_COLORS.get(v.region, "grey"), lw=0.5, ls=":")
+        signal_ax.axhline(z * rect.step_mm, color=REGION_COLORS.get(v.region, "grey"), lw=0.5, ls=":")
         signal_ax.annotate(f"{v.label} {v.confidence:.2f}", (signal_ax.get_xlim()[1], z * rect.step_mm), fontsize=7,
                            va="center", ha="right")
     signal_ax.invert_yaxis()

@@ -1,0 +1,98 @@
+"""The whole engine on simulated activation maps: partial fields of view, orientations, methods."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from VertebraIDLib.errors import VertebraIDError
+from VertebraIDLib.metrics import evaluate_case
+from VertebraIDLib.pipeline import Cancelled, Constraint, LocateOptions, locate, prepare, solve
+from VertebraIDLib.simulate import simulate_case
+from VertebraIDLib.volume import Volume
+
+
+@pytest.mark.parametrize("seed,levels", [(1, ("C1", "S2")), (2, ("C3", "T6")), (3, ("T9", "S2")), (4, ("L1", "L5"))])
+def test_clean_maps_are_labelled_exactly_whatever_field_of_view(seed, levels):
+    case = simulate_case(seed, spacing_mm=3.0, difficulty="clean", levels=levels)
+    result = locate(case.heatmaps)
+    evaluation = evaluate_case(result.vertebrae, case.truth)
+    assert evaluation.all_correct
+    assert [v.label for v in result.vertebrae] == [v.label for v in case.truth]
+    errors = [np.linalg.norm(p.position - t.position) for p, t in zip(result.vertebrae, case.truth)]
+    assert max(errors) < 4.0
+
+
+def test_typical_network_failures_are_repaired_better_than_argmax():
+    found = {"exact": 0, "base": 0}
+    total = 0
+    for seed in range(10):
+        case = simulate_case(100 + seed, spacing_mm=3.0, difficulty="typical")
+        prepared = prepare(case.heatmaps)
+        for method in found:
+            found[method] += evaluate_case(solve(prepared, LocateOptions(method=method)).vertebrae, case.truth).num_identified
+        total += len(case.truth)
+    assert found["exact"] / total > 0.85
+    assert found["exact"] > found["base"]
+
+
+def test_all_methods_run_and_exact_has_the_lowest_energy():
+    case = simulate_case(11, spacing_mm=3.0, difficulty="typical")
+    prepared = prepare(case.heatmaps)
+    energies = {}
+    for method in ("exact", "paper", "order", "rect", "base"):
+        for weighted in (True, False):
+            result = solve(prepared, LocateOptions(method=method, weighted=weighted))
+            assert all(np.isfinite(v.position).all() for v in result.vertebrae)
+            energies[method, weighted] = result.energy
+    for weighted in (True, False):
+        slack = 1e-6 * abs(energies["paper", weighted])
+        assert energies["exact", weighted] <= energies["paper", weighted] + slack
+        assert energies["exact", weighted] <= energies["order", weighted] + slack
+
+
+def test_all_zero_maps_give_zero_vertebrae():
+    result = locate(Volume(np.zeros((20, 20, 30, 26), np.float32), np.diag([2.0, 2.0, 2.0, 1.0])))
+    assert result.vertebrae == [] and result.centerline is None
+
+
+def test_bad_maps_are_refused_with_one_sentence():
+    with pytest.raises(VertebraIDError, match="26 channels"):
+        locate(Volume(np.zeros((5, 5, 5, 3), np.float32), np.eye(4)))
+    with pytest.raises(VertebraIDError, match="4-D"):
+        locate(Volume(np.zeros((5, 5, 5), np.float32), np.eye(4)))
+    bad = np.zeros((5, 5, 5, 26), np.float32)
+    bad[1, 1, 1, 1] = np.nan
+    with pytest.raises(VertebraIDError, match="NaN"):
+        locate(Volume(bad, np.eye(4)))
+
+
+def test_a_users_fixed_label_relabels_the_whole_chain():
+    # A result shifted by one on purpose: every vertebra also fires, more strongly, in the channel
+    # of the level above it, so the optimiser names each one level too high. The user fixes one
+    # vertebra's label; all the others must follow.
+    case = simulate_case(21, spacing_mm=3.0, difficulty="clean", levels=("T3", "T11"))
+    own = case.heatmaps.array
+    shifted = 0.85 * own
+    shifted[..., :-1] = np.maximum(shifted[..., :-1], own[..., 1:])
+    maps = Volume(shifted, case.heatmaps.affine)
+    prepared = prepare(maps)
+    first = solve(prepared)
+    assert evaluate_case(first.vertebrae, case.truth).num_identified == 0
+    t7 = next(v for v in case.truth if v.label == "T7")
+    fixed = solve(prepared, constraints=[Constraint("T7", t7.position)])
+    evaluation = evaluate_case(fixed.vertebrae, case.truth)
+    assert evaluation.all_correct
+    assert next(v for v in fixed.vertebrae if v.label == "T7").locked
+
+
+def test_progress_can_cancel():
+    case = simulate_case(5, spacing_mm=4.0, difficulty="clean", levels=("L1", "S2"))
+    seen = []
+
+    def progress(fraction, message):
+        seen.append(fraction)
+        return fraction >= 0.4
+
+    with pytest.raises(Cancelled):
+        locate(case.heatmaps, progress=progress)
+    assert seen and max(seen) < 0.7
