@@ -1,18 +1,40 @@
 """VertebraIDTrain: the headless 3D Slicer module that trains the VertebraID network.
 
-Skeleton only. The training logic (MONAI network, data sets, the training loop, writing model
-files as safetensors + JSON metadata) arrives with the network issue, in `VertebraIDLib`, so that
-it runs from plain Python as well as from this module; this file will then gain a GUI-free
-`VertebraIDTrainLogic` that calls it. Until then the module registers itself, hidden, so the
-extension's layout (top-level CMakeLists.txt, one folder per module) is complete.
+The training itself lives in `VertebraIDLib.training` (plain Python, also `vertebraid train`);
+this module's GUI-free Logic calls it, so the same run works inside Slicer:
+
+    Slicer --no-main-window --python-script VertebraIDTrain/VertebraIDTrain.py -- CONFIG [--resume]
+
+Like VertebraID.py, the file imports without the Slicer application (slicer-core or plain
+Python): the scripted-module base classes are replaced by plain stand-ins there.
 """
+from __future__ import annotations
+
+import os
+import sys
+
+try:
+    import VertebraIDLib  # noqa: F401
+except ImportError:  # a source checkout: VertebraIDLib sits in the VertebraID module folder
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "VertebraID"))
+
+from VertebraIDLib.errors import VertebraIDError
+
 try:  # only inside the 3D Slicer application
-    from slicer.ScriptedLoadableModule import ScriptedLoadableModule
+    import qt  # noqa: F401
+    from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic
+
+    HAVE_SLICER_APP = True
 except ImportError:  # slicer-core or plain Python
+    HAVE_SLICER_APP = False
 
     class ScriptedLoadableModule:
         def __init__(self, parent):
             self.parent = parent
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent=None):
+            pass
 
 
 class VertebraIDTrain(ScriptedLoadableModule):
@@ -22,6 +44,65 @@ class VertebraIDTrain(ScriptedLoadableModule):
         self.parent.categories = ["Segmentation"]
         self.parent.dependencies = []
         self.parent.contributors = ["VertebraID contributors"]
-        self.parent.hidden = True  # nothing to show until the training logic lands
-        self.parent.helpText = "Trains the network that the VertebraID module uses (not available yet)."
-        self.parent.acknowledgementText = ""
+        self.parent.hidden = True  # headless: run with --no-main-window --python-script
+        self.parent.helpText = (
+            "Trains the heatmap network that the VertebraID module uses, from a configuration file "
+            "(see VertebraIDTrain/configs/). Run: Slicer --no-main-window --python-script "
+            "VertebraIDTrain.py -- CONFIG [--resume]."
+        )
+        self.parent.acknowledgementText = "Wang et al., CVPR 2021; MONAI."
+
+
+class VertebraIDTrainLogic(ScriptedLoadableModuleLogic):
+    """Train from a configuration (a path or a `training.TrainConfig`); no GUI, no scene."""
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleLogic.__init__(self, parent)
+
+    @staticmethod
+    def missing_packages() -> list[str]:
+        import importlib.util
+
+        return [n for n in ("torch", "monai", "tensorboard") if importlib.util.find_spec(n) is None]
+
+    def train(self, config, resume: bool = False, progress=None, **overrides):
+        """Run `training.train`; `overrides` set top-level settings (output_dir, device...)."""
+        missing = self.missing_packages()
+        if missing:
+            raise VertebraIDError(f"Training needs {', '.join(missing)}; install them first (pip_install in Slicer).")
+        from VertebraIDLib import training
+
+        if not isinstance(config, training.TrainConfig):
+            config = training.load_config(config)
+        for key, value in overrides.items():
+            if not hasattr(config, key) or key in ("model", "data", "augment", "train", "validation"):
+                raise VertebraIDError(f"Unknown top-level training setting '{key}'.")
+            setattr(config, key, value)
+        training.validate_config(config)
+        return training.train(config, resume=resume, progress=progress, show_progress=not HAVE_SLICER_APP)
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="VertebraIDTrain", description="Train the VertebraID heatmap network.")
+    parser.add_argument("config", help="training configuration (.toml or .json)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    args = parser.parse_args(argv)
+    try:
+        result = VertebraIDTrainLogic().train(args.config, resume=args.resume)
+    except VertebraIDError as exc:
+        print(f"VertebraIDTrain: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"model -> {result.model_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    code = main(sys.argv[1:])
+    if HAVE_SLICER_APP:
+        import slicer
+
+        slicer.util.exit(code)
+    else:
+        sys.exit(code)

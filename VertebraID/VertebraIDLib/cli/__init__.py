@@ -19,6 +19,8 @@ COMMAND_MODULES = [
     "slicer_batch",
     "phantom",
     "show",
+    "train",
+    "detect",
 ]
 
 

@@ -1,0 +1,169 @@
+"""`vertebraid detect CT... -o DIR`: the main job, CT -> network -> pipeline -> labelled vertebrae.
+
+Inputs: NIfTI, NRRD/MetaImage files or DICOM series folders; one, many, or a folder holding
+them (searched recursively). For each case, into DIR:
+  <case>.vertebrae.json   the engine's result (RAS mm), written last: it marks the case done
+  <case>.mrk.json         Slicer markups point list
+  <case>_ctd.json         VerSe centroids (voxel coordinates of the input CT)
+  <case>_qc.png           Ĝ with centreline and labels, straightened spine, 1-D signals
+  <case>_heatmaps.nii.gz  the 26 maps as scaled uint8 (--save-heatmaps)
+Cases whose .vertebrae.json exists are skipped (--overwrite redoes them). Every file is
+written atomically. With several inputs a failing case is reported and the others go on;
+the exit code is then 2.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from ..errors import VertebraIDError
+from ._common import add_locate_options, locate_options
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "detect",
+        help="find and label the vertebrae in CT scans with the network (the main job)",
+        description="Run the heatmap network on each CT (NIfTI, NRRD or a DICOM series folder; files, "
+        "folders of them), then the pipeline, and write <case>.vertebrae.json, .mrk.json, _ctd.json (VerSe) "
+        "and a QC picture into the output folder. Cases already done are skipped.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="CT", help="CT file, DICOM series folder, or a folder of them")
+    parser.add_argument("-o", "--output", required=True, help="output folder")
+    parser.add_argument("--model", help="model file (.safetensors with its .json); default: the bundled model")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the network runs")
+    add_locate_options(parser)
+    parser.add_argument("--save-heatmaps", action="store_true", help="also write the 26 maps (<case>_heatmaps.nii.gz)")
+    parser.add_argument("--no-picture", action="store_true", help="skip the QC picture")
+    parser.add_argument("--overwrite", action="store_true", help="redo cases that are already done")
+    parser.set_defaults(func=run)
+
+
+def _case_name(path: Path) -> str:
+    from ..datasets import _case_stem
+
+    if path.is_dir():
+        return path.name
+    return _case_stem(path) or path.parent.name
+
+
+def find_inputs(paths) -> list[tuple[str, Path]]:
+    """(case name, path) of every CT under the inputs; names are unique."""
+    from ..datasets import _is_dicom_folder, _is_image_file
+
+    found: list[Path] = []
+
+    def walk(p: Path, top: bool):
+        if p.is_file():
+            if top or _is_image_file(p):
+                found.append(p)
+            return
+        if _is_dicom_folder(p):
+            found.append(p)
+            return
+        for child in sorted(p.iterdir()):
+            if not child.name.startswith("."):
+                walk(child, False)
+
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise VertebraIDError(f"Cannot read '{p}': no such file or folder.")
+        before = len(found)
+        walk(p, True)
+        if len(found) == before:
+            raise VertebraIDError(f"Found no CT (NIfTI, NRRD or DICOM series) in '{p}'.")
+    out, seen = [], {}
+    for p in dict.fromkeys(found):
+        name = _case_name(p)
+        if name in seen:
+            seen[name] += 1
+            name = f"{name}-{seen[name]}"
+        else:
+            seen[name] = 1
+        out.append((name, p))
+    return out
+
+
+def output_paths(out_dir: Path, case: str) -> dict[str, Path]:
+    return {
+        "vertebrae": out_dir / f"{case}.vertebrae.json",
+        "markups": out_dir / f"{case}.mrk.json",
+        "ctd": out_dir / f"{case}_ctd.json",
+        "picture": out_dir / f"{case}_qc.png",
+        "heatmaps": out_dir / f"{case}_heatmaps.nii.gz",
+    }
+
+
+def detect_case(ct_path: Path, case: str, model, args, out_dir: Path) -> str:
+    from ..formats import write_markups_json, write_verse_ctd, write_vertebrae_json
+    from ..inference import predict_heatmaps
+    from ..pipeline import locate
+    from ..volume import read_image, write_scaled_uint8_nifti
+
+    paths = output_paths(out_dir, case)
+    timings = {}
+    t0 = time.perf_counter()
+    ct = read_image(ct_path)
+    timings["read"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    heatmaps = predict_heatmaps(ct, model, args.device)
+    timings["network"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    options = replace(locate_options(args), sigma_mm=model.sigma_mm)
+    result = locate(heatmaps, options)
+    timings["pipeline"] = time.perf_counter() - t0
+    if args.save_heatmaps:
+        write_scaled_uint8_nifti(heatmaps, paths["heatmaps"])
+    write_markups_json(paths["markups"], result.vertebrae)
+    write_verse_ctd(paths["ctd"], result.vertebrae, ct)
+    if not args.no_picture:
+        from ..qc import result_figure, save_figure
+
+        t0 = time.perf_counter()
+        save_figure(result_figure(result, ct, title=case), paths["picture"])
+        timings["picture"] = time.perf_counter() - t0
+    write_vertebrae_json(
+        paths["vertebrae"], result.vertebrae, "RAS",
+        case=case, image=str(ct_path), model=str(model.path.name if model.path else ""),
+        model_sha256=model.metadata.get("weights_sha256"), method=result.method,
+        energy=None if result.energy != result.energy else round(float(result.energy), 4),
+        spine_found=result.centerline is not None,
+        timings_s={k: round(v, 3) for k, v in {**timings, **result.timings_s}.items()},
+    )
+    labels = " ".join(v.label for v in result.vertebrae) or "none (no spine found)"
+    return f"{case}: {len(result.vertebrae)} vertebrae ({labels})"
+
+
+def run(args) -> int:
+    from ..network import default_model_path, load_model
+
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise VertebraIDError(f"The output '{out_dir}' is a file; give a folder.")
+    cases = find_inputs(args.inputs)
+    model_path = Path(args.model) if args.model else default_model_path()
+    model = load_model(model_path, args.device)
+    todo = [(n, p) for n, p in cases if args.overwrite or not output_paths(out_dir, n)["vertebrae"].exists()]
+    skipped = len(cases) - len(todo)
+    if skipped:
+        print(f"skipping {skipped} case(s) already done in {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for name, path in todo:
+        t0 = time.perf_counter()
+        try:
+            message = detect_case(path, name, model, args, out_dir)
+        except VertebraIDError as exc:
+            if len(cases) == 1:
+                raise
+            failed += 1
+            print(f"vertebraid detect: error: {name}: {exc}", file=sys.stderr)
+            continue
+        print(f"{message} [{time.perf_counter() - t0:.1f} s]")
+    if failed:
+        print(f"vertebraid detect: {failed} of {len(todo)} case(s) failed.", file=sys.stderr)
+        return 2
+    return 0

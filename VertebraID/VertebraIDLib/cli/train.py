@@ -1,0 +1,38 @@
+"""`vertebraid train CONFIG [--resume]`: train the heatmap network (see training.py)."""
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train the heatmap network from a configuration (TOML or JSON)",
+        description="Train the 26-channel heatmap network on phantoms generated on the fly and/or annotated "
+        "folders, as described by CONFIG (see VertebraIDTrain/configs/). Run it under torchrun for several "
+        "processes. Writes checkpoints, TensorBoard logs and model.safetensors + model.json into the "
+        "configuration's output_dir.",
+    )
+    parser.add_argument("config", help="training configuration (.toml or .json)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the configuration's device")
+    parser.add_argument("--output-dir", help="override the configuration's output_dir")
+    parser.add_argument("--epochs", type=int, help="override the number of epochs")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..training import load_config, train, validate_config
+
+    config = load_config(args.config)
+    if args.device:
+        config.device = args.device
+    if args.output_dir:
+        from pathlib import Path
+
+        config.output_dir = str(Path(args.output_dir).resolve())
+    if args.epochs is not None:
+        config.train.epochs = args.epochs
+    validate_config(config)
+    result = train(config, resume=args.resume)
+    if result.model_path is not None:
+        print(f"model -> {result.model_path}")
+    return 0
