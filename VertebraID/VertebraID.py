@@ -149,6 +149,7 @@ class Evidence:
     combined: Volume | None  # Ĝ when the source defines it (rendered points); None: sum of maps
     description: str
     sigma_mm: float | None = None  # the blobs' width when the source knows it
+    level_specific: bool = True  # False: evidence names regions only, so the anchor weights are off
 
 
 class NetworkHeatmapSource:
@@ -271,11 +272,11 @@ class PointsHeatmapSource:
             raise VertebraIDError(f"The {self.description} hold no point.")
 
     def compute(self, ct: Volume, progress: ProgressCallback | None = None) -> Evidence:
-        from VertebraIDLib.points import render_point_evidence
+        from VertebraIDLib.points import has_level_evidence, render_point_evidence
 
         self.check()
         heatmaps, combined = render_point_evidence(self.positions, self.probabilities, self.sigma_mm, self.spacing_mm)
-        return Evidence(heatmaps, combined, self.description, self.sigma_mm)
+        return Evidence(heatmaps, combined, self.description, self.sigma_mm, has_level_evidence(self.probabilities))
 
 
 # =========================================================================== parameter node
@@ -625,6 +626,7 @@ class VertebraIDLogic(ScriptedLoadableModuleLogic):
         t0 = time.perf_counter()
         if evidence.sigma_mm is not None:
             options = dataclasses.replace(options, sigma_mm=evidence.sigma_mm)
+        options = dataclasses.replace(options, weighted=options.weighted and evidence.level_specific)
         result = pipeline.locate(evidence.heatmaps, options, combined=evidence.combined, progress=_scaled(progress, 0.5, 0.9))
         timings["pipeline"] = time.perf_counter() - t0
         if result.prepared.centerline is None or not result.vertebrae:

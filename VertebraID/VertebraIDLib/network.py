@@ -57,8 +57,8 @@ class NetworkConfig:
             channels = tuple(int(c) for c in self.channels)
         except (TypeError, ValueError):
             raise VertebraIDError(f"Network channels must be whole numbers, got {self.channels!r}.") from None
-        if len(channels) < 2 or min(channels) < 1:
-            raise VertebraIDError("A network needs at least 2 levels of positive channel counts.")
+        if len(channels) < 3 or min(channels) < 1:
+            raise VertebraIDError("A network needs at least 3 levels of positive channel counts.")
         if self.kind == "basicunet" and len(channels) != 6:
             raise VertebraIDError("MONAI's BasicUNet takes exactly 6 channel counts.")
         object.__setattr__(self, "channels", channels)

@@ -20,8 +20,9 @@ from ..formats import read_vertebrae_any, sniff_format
 from ..metrics import DEFAULT_MAX_DIST_MM, METRICS, evaluate_case, format_table, summarize
 from ..volume import Volume, read_image
 
-CASE_SUFFIXES = (
+CASE_SUFFIXES = (  # in order of preference when a case has several files
     ".vertebrae.json",
+    ".vertebrae.mrk.json",
     "_seg-subreg_ctd.json",
     "_seg-vert_ctd.json",
     "_ctd.json",
@@ -29,6 +30,7 @@ CASE_SUFFIXES = (
     ".json",
     ".csv",
 )
+NOT_VERTEBRAE_SUFFIXES = ("_phantom.json",)  # other files that live in case folders (phantom metadata)
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 IMAGE_CASE_TAILS = ("_ct",)  # VerSe names its images <case>_ct.nii.gz
 
@@ -75,17 +77,29 @@ def case_name(path: Path) -> str:
     return path.stem
 
 
+def _suffix_rank(path: Path) -> int:
+    lower = path.name.lower()
+    return next((i for i, suffix in enumerate(CASE_SUFFIXES) if lower.endswith(suffix)), len(CASE_SUFFIXES))
+
+
 def _case_files(folder: Path) -> dict[str, Path]:
+    """One file per case; where a case has several (a phantom's vertebrae JSON and VerSe file),
+    the earlier suffix of CASE_SUFFIXES wins."""
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         lower = path.name.lower()
         if not path.is_file() or path.name.startswith(".") or not lower.endswith((".json", ".csv")):
             continue
+        if lower.endswith(NOT_VERTEBRAE_SUFFIXES):
+            continue
         name = case_name(path)
         if name in files:
-            raise VertebraIDError(
-                f"Two files in '{folder}' belong to case '{name}': {files[name].name} and {path.name}."
-            )
+            if _suffix_rank(path) == _suffix_rank(files[name]):
+                raise VertebraIDError(
+                    f"Two files in '{folder}' belong to case '{name}': {files[name].name} and {path.name}."
+                )
+            if _suffix_rank(path) > _suffix_rank(files[name]):
+                continue
         files[name] = path
     return files
 

@@ -1,0 +1,209 @@
+"""Training: configuration, patches and targets, the loop, checkpoints/resume, DDP with gloo."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from VertebraIDLib import network as net
+from VertebraIDLib import training as tr
+from VertebraIDLib.errors import VertebraIDError
+from VertebraIDLib.vertebrae import Vertebra
+from VertebraIDLib.volume import Volume
+
+REPO = Path(__file__).resolve().parents[2]
+PHANTOM = {"spacing": 4.0, "levels": "T12..L3", "matrix": 64}
+
+
+def tiny_config(out, epochs=2, **data) -> tr.TrainConfig:
+    return tr.config_from_dict({
+        "output_dir": str(out), "threads": 1,
+        "model": {"channels": [4, 8, 16], "spacing_mm": 8.0, "patch_size": 32, "sigma_mm": 10.0},
+        "data": {"phantoms_per_epoch": 2, "patches_per_case": 1, "phantom_options": PHANTOM, **data},
+        "train": {"epochs": epochs, "batch_size": 1, "warmup_steps": 1},
+        "validation": {"phantoms": 1, "phantom_options": PHANTOM},
+    })
+
+
+def test_example_config_and_errors(tmp_path):
+    config = tr.load_config(REPO / "VertebraIDTrain" / "configs" / "phantoms_cpu.toml")
+    assert config.model.patch_size % config.network_config.downsampling == 0
+    assert Path(config.output_dir).is_absolute()
+    bad = {
+        "Unknown setting 'lr'": {"train": {"lr": 1}},
+        "multiple of 4": {"model": {"channels": [4, 8, 16], "patch_size": 30}},
+        "reorder the spine": {"augment": {"rotate_deg": [10, 10, 90]}},
+        "overlaps": {"validation": {"seed": 3}},
+        "whole number": {"train": {"epochs": 1.5}},
+        "does not exist": {"data": {"folders": [str(tmp_path / "missing")], "folder_cases_per_epoch": 1}},
+    }
+    for message, data in bad.items():
+        with pytest.raises(VertebraIDError, match=message):
+            tr.config_from_dict(data)
+    (tmp_path / "c.toml").write_text("[model\n")
+    with pytest.raises(VertebraIDError, match="Cannot read the configuration"):
+        tr.load_config(tmp_path / "c.toml")
+    (tmp_path / "c.json").write_text(json.dumps({"train": {"epochs": 3}}))
+    assert tr.load_config(tmp_path / "c.json").train.epochs == 3
+
+
+def _ball_case():
+    """A synthetic windowed image with bright balls exactly at three 'vertebrae'."""
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [-60, -60, -100]
+    image = Volume(np.zeros((60, 60, 100), np.float32), affine)
+    labels = ["L1", "L2", "L3"]
+    positions = np.array([[5.0, -10.0, 40.0], [3.0, -8.0, 5.0], [1.0, -6.0, -30.0]])
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in image.shape3], indexing="ij"), -1)
+    world = ijk @ affine[:3, :3].T + affine[:3, 3]
+    for p in positions:
+        image.array[np.linalg.norm(world - p, axis=-1) < 6] = 1.0
+    truth = [Vertebra(lab, p) for lab, p in zip(labels, positions)]
+    case = tr.TrainingCase(image, positions, np.array([tr.CHANNEL_OF[lab] for lab in labels]), "balls")
+    return case, truth
+
+
+def test_patches_and_targets_agree_under_augmentation(tmp_path):
+    config = tiny_config(tmp_path)
+    config.model.patch_size, config.model.spacing_mm, config.model.sigma_mm = 32, 3.0, 4.0
+    config.data.spine_fraction = 1.0
+    config.augment.flip_lr = 0.5
+    case, _ = _ball_case()
+    flips = 0
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        image, target, affine = tr.sample_patch(case, config, rng, intensity=None)
+        assert image.shape == (1, 32, 32, 32) and target.shape == (26, 32, 32, 32)
+        flips += np.linalg.det(affine[:3, :3]) < 0
+        assert target.max() > 0.5  # spine-biased: every patch holds a vertebra
+        for channel, p in zip(case.channels, case.positions):
+            if target[channel].max() < 0.99:
+                continue  # this vertebra is not inside the patch
+            peak = np.array(np.unravel_index(np.argmax(target[channel]), target.shape[1:]))
+            peak_world = affine[:3, :3] @ peak + affine[:3, 3]
+            assert np.linalg.norm(peak_world - p) < 3.0  # the target sits on the true centre
+            assert image[0][tuple(peak)] > 0.5  # and on the ball in the image
+        others = [c for c in range(26) if c not in case.channels]
+        assert target[others].max() == 0.0
+    assert 0 < flips < 12  # mirrored and plain patches both occur
+
+
+def test_intensity_augmentation_keeps_shape_and_is_seeded(tmp_path):
+    config = tiny_config(tmp_path)
+    case, _ = _ball_case()
+    a = tr.sample_patch(case, config, np.random.default_rng(5), tr._intensity_transforms(config))[0]
+    b = tr.sample_patch(case, config, np.random.default_rng(5), tr._intensity_transforms(config))[0]
+    assert a.shape == (1, 32, 32, 32) and np.array_equal(a, b)
+
+
+def test_loss_decreases_on_a_fixed_patch(tmp_path):
+    config = tiny_config(tmp_path)
+    case, _ = _ball_case()
+    image, target, _ = tr.sample_patch(case, config, np.random.default_rng(0), augment=False)
+    torch.manual_seed(0)
+    model = net.build_network(config.network_config)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x, y = torch.from_numpy(image)[None], torch.from_numpy(target)[None]
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_train_writes_model_checkpoints_logs_and_resumes(tmp_path):
+    config = tiny_config(tmp_path / "run", epochs=2)
+    result = tr.train(config, show_progress=False, log=lambda m: None)
+    assert result.resumed_from is None and len(result.history) == 2
+    model = net.load_model(result.model_path, "cpu")
+    val = model.metadata["metrics"]["validation"]
+    assert 0.0 <= val["id_rate"] <= 1.0 and val["num_scans"] == 1
+    assert model.metadata["training"]["phantoms_seen"] == 4
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "epoch-0001.json", "epoch-0001.safetensors", "epoch-0002.json", "epoch-0002.safetensors"]
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    with pytest.raises(VertebraIDError, match="already holds checkpoints"):
+        tr.train(config, show_progress=False, log=lambda m: None)
+    config.train.epochs = 3
+    again = tr.train(config, resume=True, show_progress=False, log=lambda m: None)
+    assert again.resumed_from == 2 and [h["epoch"] for h in again.history] == [1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*.json")) == [
+        "epoch-0002.json", "epoch-0003.json"]  # checkpoints_kept = 2
+
+
+_KILL_SCRIPT = """
+import sys, json
+from VertebraIDLib import training as tr
+config = tr.config_from_dict(json.loads(sys.argv[1]))
+tr.train(config, resume=len(sys.argv) > 2, show_progress=False)
+"""
+
+
+def test_resume_after_sigkill_loses_at_most_one_epoch(tmp_path):
+    config = tiny_config(tmp_path / "run", epochs=4)
+    config.validation.phantoms = 0
+    data = config.to_dict()
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, json.dumps(data)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    first = tmp_path / "run" / "checkpoints" / "epoch-0001.json"
+    deadline = time.time() + 120
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    found = tr.latest_checkpoint(config)
+    assert found is not None
+    done = int(found[0]["epoch"])
+    assert 1 <= done < 4
+    result = tr.train(config, resume=True, show_progress=False, log=lambda m: None)
+    assert result.resumed_from == done
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, config_dict, out):
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+    config = tr.config_from_dict(config_dict)
+    captured = {}
+    original = net.build_network
+
+    def keep(cfg):
+        captured["net"] = original(cfg)
+        return captured["net"]
+
+    net.build_network = keep  # training imports it at call time: see the network each rank trained
+    tr.train(config, show_progress=False, log=lambda m: None)
+    flat = torch.cat([p.detach().flatten() for p in captured["net"].parameters()])
+    np.save(Path(out) / f"rank{rank}.npy", flat.numpy())
+
+
+def test_distributed_two_processes_gloo(tmp_path):
+    config = tiny_config(tmp_path / "run", epochs=1)
+    config.validation.phantoms = 0
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), config.to_dict(), str(tmp_path)), nprocs=2,
+                                join=True)
+    a, b = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
+    assert np.array_equal(a, b)  # gradients were averaged: both ranks hold the same weights
+    torch.manual_seed(0)
+    initial = torch.cat([p.detach().flatten() for p in net.build_network(config.network_config).parameters()])
+    assert not np.allclose(a, initial.numpy())  # and they trained
+    assert (tmp_path / "run" / "checkpoints" / "epoch-0001.json").exists()
