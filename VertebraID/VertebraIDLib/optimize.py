@@ -43,10 +43,6 @@ class EnergyParams:
     # from squeezing two labels onto one vertebra, or from skipping one, at any patient size.
     gap_fraction_min: float = 0.5
     gap_fraction_max: float = 2.2
-    # Size prior: each gap should be close to scale x its level's typical gap, the patient's
-    # scale searched over `scales`. Its weight (0 = off) per squared log deviation.
-    size_weight: float = 0.0
-    scales: tuple[float, ...] = (0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.17, 1.25)
     temperature: float = 2.0  # for confidences: energies within ~T of the best compete
 
 
@@ -57,7 +53,6 @@ class Chain:
     levels: list[int]
     positions: list[int]
     energy: float
-    scale: float = 1.0  # the patient scale of the size prior (1 when it is off)
 
     def __len__(self) -> int:
         return len(self.levels)
@@ -71,18 +66,6 @@ class EnergyModel:
     gap_max: int
     params: EnergyParams = field(default_factory=EnergyParams)
     step_mm: float = 2.0
-    scale: float = 1.0  # patient scale for the size prior
-
-    def with_scale(self, scale: float) -> "EnergyModel":
-        return EnergyModel(self.unary, self.labels, self.gap_min, self.gap_max, self.params, self.step_mm, scale)
-
-    def gap_cost(self) -> np.ndarray:
-        """(n_levels, n_gaps): size-prior cost of level ℓ being followed at each gap."""
-        if self.params.size_weight <= 0:
-            return np.zeros((len(self.labels), len(self.gaps)))
-        g = self.gaps.astype(float) * self.step_mm
-        typical = np.array([typical_gap_mm(name) for name in self.labels.levels]) * self.scale
-        return self.params.size_weight * np.log(g[None, :] / typical[:, None]) ** 2
 
     @property
     def length(self) -> int:
@@ -131,7 +114,6 @@ class EnergyModel:
             upper = np.asarray(levels)[:-1][None, :]
             j = np.clip(gaps.astype(int) - self.gap_min, 0, allowed.shape[1] - 1)
             bad |= ~allowed[upper, j].all(axis=1)
-            energy = energy + self.gap_cost()[upper, j].sum(axis=1)
             energy = np.where(bad, INF, energy)
         if positions.shape[1] >= 3:
             a, b = gaps[:, :-1] * self.growth()[np.asarray(levels)[1:-1]][None, :], gaps[:, 1:]
@@ -220,19 +202,6 @@ def _successors(labels: LabelSet, level: int, must_visit: set[int]) -> list[int]
 
 
 def solve_exact(model: EnergyModel, fixed: list[FixedLevel] | None = None) -> Chain:
-    """Global minimum of the energy (over the patient scale too when the size prior is on)."""
-    if model.params.size_weight <= 0:
-        return _solve_exact_at_scale(model, fixed)
-    best = None
-    for scale in model.params.scales:
-        chain = _solve_exact_at_scale(model.with_scale(scale), fixed)
-        chain.scale = scale
-        if best is None or chain.energy < best.energy:
-            best = chain
-    return best
-
-
-def _solve_exact_at_scale(model: EnergyModel, fixed: list[FixedLevel] | None = None) -> Chain:
     """Global minimum of the energy by dynamic programming.
 
     State: (level ℓ, position k, gap j to the previous vertebra). The spacing term couples
@@ -247,7 +216,6 @@ def _solve_exact_at_scale(model: EnergyModel, fixed: list[FixedLevel] | None = N
     ng = len(gaps)
     growth = model.growth()
     allowed = model.gap_allowed()
-    gap_cost = model.gap_cost().astype(np.float32)
     unary = unary.astype(np.float32)
     src = np.arange(z)[:, None] - gaps[None, :]  # position of the previous vertebra
     src_ok = src >= 0
@@ -283,7 +251,7 @@ def _solve_exact_at_scale(model: EnergyModel, fixed: list[FixedLevel] | None = N
         best_via = np.take_along_axis(via, arg[:, None, :], axis=1)[:, 0, :] if len(prev) else np.full((z, len(nxt)), INF, np.float32)
         use_start = start[:, None] <= best_via
         m = np.full((z, ng), INF, np.float32)
-        m[:, nxt] = np.where(use_start, start[:, None], best_via) + gap_cost[lvl][nxt][None, :]
+        m[:, nxt] = np.where(use_start, start[:, None], best_via)
         cont = np.full((z, ng), -1, np.int16)
         cont[:, nxt] = np.where(use_start, -1, prev[arg] if len(prev) else -1)
         cont_arg[lvl] = cont
@@ -342,7 +310,6 @@ def marginals(model: EnergyModel, fixed: list[FixedLevel] | None = None) -> np.n
     ng = len(gaps)
     weights = [np.exp(-model.spacing_matrix(g) / t) for g in model.growth()]  # (prev gap, next gap)
     allowed = model.gap_allowed()
-    log_gap = -model.gap_cost() / t
     lu = -unary / t
     cols = np.arange(ng)[None, :]
     src = np.arange(z)[:, None] - gaps[None, :]
@@ -360,7 +327,7 @@ def marginals(model: EnergyModel, fixed: list[FixedLevel] | None = None) -> np.n
         for lvl in range(n):
             f_end[lvl] = lu[lvl][:, None] + incoming[lvl]
             m = np.logaddexp(f_start[lvl][:, None], _log_matmul(f_end[lvl], weights[lvl]))
-            m = np.where(allowed[lvl][None, :], m + log_gap[lvl][None, :], -INF)
+            m = np.where(allowed[lvl][None, :], m, -INF)
             shifted = np.where(src_ok, m[src, cols], -INF)
             for s in succ[lvl]:
                 incoming[s] = np.logaddexp(incoming[s], shifted)
@@ -371,7 +338,7 @@ def marginals(model: EnergyModel, fixed: list[FixedLevel] | None = None) -> np.n
             cont = np.full((z, ng), -INF)  # continue to a successor with next gap j
             for s in succ[lvl]:
                 val = lu[s][dst] + b_end[s][dst, cols]
-                cont = np.logaddexp(cont, np.where(dst_ok & allowed[lvl][None, :], val + log_gap[lvl][None, :], -INF))
+                cont = np.logaddexp(cont, np.where(dst_ok & allowed[lvl][None, :], val, -INF))
             b_end[lvl] = np.logaddexp(stop, _log_matmul(cont, weights[lvl].T))
             b_start[lvl] = np.logaddexp(stop, logsumexp(cont, axis=1))
         log_start = np.array([f_start[lvl] + b_start[lvl] for lvl in range(n)])
@@ -396,18 +363,18 @@ def chain_confidence(prob: np.ndarray, chain: Chain, radius: int) -> list[float]
 # --------------------------------------------------------------------------- paper / order
 
 
-def local_maxima(signal: np.ndarray, min_value: float) -> np.ndarray:
-    """Indices of strict-left, non-strict-right local maxima above `min_value`."""
-    s = np.asarray(signal, float)
-    if len(s) < 3:
-        return np.array([int(np.argmax(s))]) if len(s) and s.max() > min_value else np.array([], int)
-    padded = np.concatenate([[-INF], s, [-INF]])
-    is_max = (padded[1:-1] > padded[:-2]) & (padded[1:-1] >= padded[2:]) & (s > min_value)
-    return np.nonzero(is_max)[0]
-
-
 def _initial_positions(model: EnergyModel, combined_signal: np.ndarray) -> np.ndarray:
-    peaks = local_maxima(combined_signal, model.params.floor)
+    """The paper's initialisation: the local maxima of Q̂, in order along the spine.
+
+    A maximum counts when it rises above the floor by at least the floor (its prominence) and
+    is at least the shortest allowed gap from a higher one; without this, every ripple of a
+    noisy Q̂ would start a vertebra.
+    """
+    from scipy.signal import find_peaks
+
+    peaks, _ = find_peaks(
+        combined_signal, height=model.params.floor, prominence=model.params.floor, distance=model.gap_min
+    )
     n_max = len(LabelSet.standard().levels)
     if len(peaks) > n_max:  # more maxima than levels: keep the strongest
         peaks = np.sort(peaks[np.argsort(combined_signal[peaks])[::-1][:n_max]])

@@ -191,7 +191,7 @@ def solve(
         confidences = None
         if options.method == "exact":
             t1 = time.perf_counter()
-            prob = opt.marginals(model.with_scale(chain.scale), fixed)
+            prob = opt.marginals(model, fixed)
             radius = max(1, int(round(8.0 / rect.step_mm)))
             confidences = opt.chain_confidence(prob, chain, radius)
             timings["confidence"] = time.perf_counter() - t1

@@ -510,7 +510,6 @@ def latest_checkpoint(config: TrainConfig) -> tuple[dict, Path] | None:
 
 
 def load_checkpoint(record: dict, tensors_path: Path, network, optimizer, scaler) -> None:
-    import torch
     from safetensors.torch import load_file
 
     from .network import load_weights_state
@@ -527,7 +526,6 @@ def load_checkpoint(record: dict, tensors_path: Path, network, optimizer, scaler
     optimizer.load_state_dict({"state": opt_state, "param_groups": record["optimizer"]["param_groups"]})
     if scaler is not None and record.get("scaler"):
         scaler.load_state_dict(record["scaler"])
-    del torch
 
 
 # =========================================================================== validation
