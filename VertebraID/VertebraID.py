@@ -156,8 +156,17 @@ class NetworkHeatmapSource:
     """Activation maps from the trained network (the network issue supplies `inference`)."""
 
     def __init__(self, model_path: str | os.PathLike | None, device: str = "auto"):
-        self.model_path = pathlib.Path(model_path) if model_path else None
+        self.model_path = pathlib.Path(model_path) if model_path else self._bundled_model()
         self.device = device
+
+    @staticmethod
+    def _bundled_model() -> pathlib.Path | None:
+        """The model shipped in Resources/Models, when there is one."""
+        try:
+            from VertebraIDLib.network import bundled_model_path
+        except ImportError:  # torch / MONAI not installed yet: check() says so
+            return None
+        return bundled_model_path()
 
     @staticmethod
     def missing_packages() -> list[str]:
@@ -179,12 +188,9 @@ class NetworkHeatmapSource:
         self.check()
         from VertebraIDLib import inference
 
-        load = getattr(inference, "load_model", None)
-        if load is None:
-            from VertebraIDLib.network import load_model as load
-        model = load(self.model_path, self.device)
+        model = inference.load_model(self.model_path, self.device)
         heatmaps = inference.predict_heatmaps(ct, model, self.device, progress)
-        return Evidence(heatmaps, None, f"network model {self.model_path.name}")
+        return Evidence(heatmaps, None, f"network model {self.model_path.name}", model.sigma_mm)
 
 
 class PointsHeatmapSource:

@@ -352,6 +352,8 @@ def generate_phantom(seed: int, options: PhantomOptions | None = None, **kwargs)
     else:
         cx = model_centre[0] + rng_scan.uniform(-15, 15)
         cy = model_centre[1] + 35.0 * patient.habitus.size + rng_scan.uniform(-15, 15)
+    if nx * ny * nz > MAX_VOXELS and opts.shape is None and opts.matrix is None:
+        nx = ny = int(np.sqrt(MAX_VOXELS / nz))  # a drawn matrix shrinks to fit; a requested one is an error
     if nx * ny * nz > MAX_VOXELS:
         raise VertebraIDError(f"A phantom of {nx}x{ny}x{nz} voxels is too large (at most {MAX_VOXELS:,}).")
     origin = np.array([cx - 0.5 * (nx - 1) * spacing[0], cy - 0.5 * (ny - 1) * spacing[1], z_lo])
