@@ -205,7 +205,7 @@ def _strip_suffix(name: str) -> str:
     return name
 
 
-def _case_stem(image_path: Path) -> str:
+def case_stem(image_path: Path) -> str:
     """'sub-verse004_ct.nii.gz' -> 'sub-verse004'; 'ct.nii.gz' -> '' (a case folder)."""
     stem = _strip_suffix(image_path.name)
     if stem.lower() in ("ct", "image", "img"):
@@ -213,7 +213,7 @@ def _case_stem(image_path: Path) -> str:
     return re.sub(r"[_-](ct|image|img)$", "", stem, flags=re.IGNORECASE)
 
 
-def _is_dicom_folder(path: Path) -> bool:
+def is_dicom_folder(path: Path) -> bool:
     if not path.is_dir():
         return False
     for f in sorted(path.iterdir())[:50]:
@@ -228,7 +228,7 @@ def _is_dicom_folder(path: Path) -> bool:
     return False
 
 
-def _is_image_file(path: Path) -> bool:
+def is_image_file(path: Path) -> bool:
     low = path.name.lower()
     return path.is_file() and low.endswith(IMAGE_SUFFIXES) and not _MASK_WORDS.search(_strip_suffix(path.name))
 
@@ -288,7 +288,7 @@ def _truth(ann: dict, image: Volume | None) -> tuple[list[Vertebra] | None, str,
 
 
 def _dicom_series_folders(folder: Path) -> list[Path]:
-    subs = [p for p in sorted(folder.iterdir()) if p.is_dir() and _is_dicom_folder(p)]
+    subs = [p for p in sorted(folder.iterdir()) if p.is_dir() and is_dicom_folder(p)]
     return subs
 
 
@@ -303,10 +303,10 @@ def load_case(path: PathLike, name: str | None = None) -> Case:
                 f"Cannot read '{path}': not an image (NIfTI, NRRD, MetaImage) or a DICOM folder."
             )
         if _MASK_WORDS.search(_strip_suffix(path.name)):
-            return _mask_only_case(path.parent, name or _case_stem(path) or path.parent.name, mask=path)
-        return _image_case(path, path.parent, _case_stem(path), name)
+            return _mask_only_case(path.parent, name or case_stem(path) or path.parent.name, mask=path)
+        return _image_case(path, path.parent, case_stem(path), name)
     # a folder
-    if _is_dicom_folder(path):
+    if is_dicom_folder(path):
         stem = path.name if path.name.lower() not in ("dicom", "dcm", "images") else ""
         case = _image_case(path, path, "", name or (path.name if stem else path.parent.name))
         if case.truth is None and path.parent != path:
@@ -315,15 +315,15 @@ def load_case(path: PathLike, name: str | None = None) -> Case:
                 case.truth, case.source, _ = _truth(ann, case.image)
                 case.paths.update(ann)
         return case
-    images = sorted(p for p in path.iterdir() if _is_image_file(p))
+    images = sorted(p for p in path.iterdir() if is_image_file(p))
     if len(images) == 1:
-        return _image_case(images[0], path, _case_stem(images[0]), name or _case_stem(images[0]) or path.name)
+        return _image_case(images[0], path, case_stem(images[0]), name or case_stem(images[0]) or path.name)
     if len(images) > 1:
         raise VertebraIDError(
             f"'{path}' holds {len(images)} images; give one of them (or use iter_cases for the folder)."
         )
     for sub in ("dicom", "DICOM", "dcm", "images"):
-        if (path / sub).is_dir() and _is_dicom_folder(path / sub):
+        if (path / sub).is_dir() and is_dicom_folder(path / sub):
             case = _image_case(path / sub, path / sub, "", name or path.name)
             if case.truth is None:
                 ann = _annotation_files(path, "")
@@ -386,7 +386,7 @@ def _image_case(image_path: Path, folder: Path, stem: str, name: str | None) -> 
 def _verse_cases(root: Path):
     raw, deriv = root / "rawdata", root / "derivatives"
     for ct in sorted(raw.rglob("*_ct.nii*")):
-        stem = _case_stem(ct)
+        stem = case_stem(ct)
         subject = ct.parent.name
         folder = deriv / subject if (deriv / subject).is_dir() else deriv
         ann = _annotation_files(folder, stem)
@@ -414,16 +414,16 @@ def iter_cases(root: PathLike):
     if (root / "rawdata").is_dir():
         yield from _verse_cases(root)
         return
-    images = sorted(p for p in root.iterdir() if _is_image_file(p))
+    images = sorted(p for p in root.iterdir() if is_image_file(p))
     if images:
         for img in images:
-            yield _image_case(img, root, _case_stem(img), _case_stem(img) or root.name)
+            yield _image_case(img, root, case_stem(img), case_stem(img) or root.name)
         return
-    if _is_dicom_folder(root) or any((root / s).is_dir() and _is_dicom_folder(root / s) for s in ("dicom", "DICOM")):
+    if is_dicom_folder(root) or any((root / s).is_dir() and is_dicom_folder(root / s) for s in ("dicom", "DICOM")):
         yield load_case(root)
         return
     series = _dicom_series_folders(root)
-    if series and not any(p.is_dir() and not _is_dicom_folder(p) for p in root.iterdir()):
+    if series and not any(p.is_dir() and not is_dicom_folder(p) for p in root.iterdir()):
         for s in series:
             yield load_case(s, name=f"{root.name}/{s.name}")
         return

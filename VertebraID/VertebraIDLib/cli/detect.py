@@ -42,25 +42,25 @@ def register(subparsers) -> None:
 
 
 def _case_name(path: Path) -> str:
-    from ..datasets import _case_stem
+    from ..datasets import case_stem
 
     if path.is_dir():
         return path.name
-    return _case_stem(path) or path.parent.name
+    return case_stem(path) or path.parent.name
 
 
 def find_inputs(paths) -> list[tuple[str, Path]]:
     """(case name, path) of every CT under the inputs; names are unique."""
-    from ..datasets import _is_dicom_folder, _is_image_file
+    from ..datasets import is_dicom_folder, is_image_file
 
     found: list[Path] = []
 
     def walk(p: Path, top: bool):
         if p.is_file():
-            if top or _is_image_file(p):
+            if top or is_image_file(p):
                 found.append(p)
             return
-        if _is_dicom_folder(p):
+        if is_dicom_folder(p):
             found.append(p)
             return
         for child in sorted(p.iterdir()):

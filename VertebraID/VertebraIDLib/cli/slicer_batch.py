@@ -109,7 +109,7 @@ def load_vertebraid_module():
     return module
 
 
-def _is_image_file(path: Path) -> bool:
+def is_image_file(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES)
 
 
@@ -123,14 +123,14 @@ def find_cases(input_dir: Path) -> tuple[list[tuple[str, Path]], list[Path]]:
     for path in sorted(input_dir.iterdir()):
         if path.name.startswith("."):
             continue
-        if _is_image_file(path):
+        if is_image_file(path):
             if LABEL_NAME.search(volume_case_name(path)):
                 passed_over.append(path)
             else:
                 cases.append((volume_case_name(path), path))
         elif path.is_dir():
             files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
-            if files and not any(_is_image_file(p) for p in files):  # a DICOM series folder
+            if files and not any(is_image_file(p) for p in files):  # a DICOM series folder
                 cases.append((path.name, path))
     names = [name for name, _ in cases]
     doubled = sorted({n for n in names if names.count(n) > 1})
