@@ -208,3 +208,19 @@ def test_distributed_two_processes_gloo(tmp_path):
     initial = torch.cat([p.detach().flatten() for p in net.build_network(config.network_config).parameters()])
     assert not np.allclose(a, initial.numpy())  # and they trained
     assert (tmp_path / "run" / "checkpoints" / "epoch-0001.json").exists()
+
+
+def test_weighted_l2_counts_the_blobs_more_than_the_background():
+    import torch
+
+    from VertebraIDLib.training import weighted_l2
+
+    target = torch.zeros(1, 1, 4, 4, 4)
+    target[0, 0, 1, 1, 1] = 1.0
+    zeros = torch.zeros_like(target)
+    assert float(weighted_l2(zeros, target)) == pytest.approx(1 / 64)  # the paper's plain L2
+    assert float(weighted_l2(zeros, target, 50.0)) == pytest.approx(51 / 64)
+    # a wrong background voxel costs the same with or without the weight
+    off = zeros.clone()
+    off[0, 0, 3, 3, 3] = 1.0
+    assert float(weighted_l2(off, torch.zeros_like(target), 50.0)) == pytest.approx(1 / 64)

@@ -103,6 +103,9 @@ class TrainSection:
     amp: bool = True
     grad_clip: float = 5.0
     checkpoints_kept: int = 2
+    # Targets are sparse blobs (a few hundred voxels of a patch per channel): with plain L2 a
+    # network first learns to output zeros. Voxels weigh 1 + foreground_weight x target.
+    foreground_weight: float = 0.0
 
 
 @dataclass
@@ -211,6 +214,8 @@ def validate_config(config: TrainConfig) -> None:
         raise VertebraIDError(f"model.spacing_mm must be between 0.5 and 10 mm, got {m.spacing_mm}.")
     if m.patch_size < 16 or m.patch_size % net.downsampling:
         raise VertebraIDError(f"model.patch_size must be at least 16 and a multiple of {net.downsampling}, got {m.patch_size}.")
+    if t.foreground_weight < 0:
+        raise VertebraIDError(f"train.foreground_weight must be >= 0, got {t.foreground_weight}.")
     if not 0.5 <= m.sigma_mm <= 50:
         raise VertebraIDError(f"model.sigma_mm must be between 0.5 and 50 mm, got {m.sigma_mm}.")
     if len(m.hu_window) != 2 or not all(isinstance(x, (int, float)) for x in m.hu_window) or m.hu_window[0] >= m.hu_window[1]:
@@ -290,6 +295,14 @@ def make_training_case(ct, truth, name: str, config: TrainConfig) -> TrainingCas
     positions = np.array([v.position for v in keep], float).reshape(-1, 3)
     channels = np.array([CHANNEL_OF[v.label] for v in keep], int)
     return TrainingCase(reduced, positions, channels, name)
+
+
+def weighted_l2(prediction, target, foreground_weight: float = 0.0):
+    """The paper's L2 loss, optionally weighting voxels by 1 + foreground_weight x target."""
+    squared = (prediction - target) ** 2
+    if foreground_weight > 0:
+        squared = squared * (1.0 + foreground_weight * target)
+    return squared.mean()
 
 
 def phantom_case(seed: int, config: TrainConfig, options: dict | None = None) -> TrainingCase:
@@ -689,7 +702,7 @@ def train(config: TrainConfig | PathLike, resume: bool = False, progress: Callab
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
                     prediction = model(image)
-                loss = torch.nn.functional.mse_loss(prediction.float(), target)
+                loss = weighted_l2(prediction.float(), target, config.train.foreground_weight)
                 if scaler is not None and amp:
                     scaler.scale(loss).backward()
                     scaler.unscale_(optimizer)
