@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from .anatomy import NUM_CHANNELS, LabelSet
+from .anatomy import LEVELS_26, NUM_CHANNELS, LabelSet
 from .errors import VertebraIDError
 from .vertebrae import Vertebra
 from .volume import Volume, check_finite
@@ -171,7 +171,7 @@ def solve(
 
     t0 = time.perf_counter()
     if options.method == "base":
-        vertebrae = _base_method(prepared, labels)
+        vertebrae = _base_method(prepared)
         energy = float("nan")
     else:
         model = opt.build_energy(rect.signals, labels, rect.step_mm, params)
@@ -282,7 +282,7 @@ def _pin_constraints(vertebrae: list[Vertebra], constraints: list[Constraint]) -
 # --------------------------------------------------------------------------- baselines
 
 
-def _base_method(prepared: Prepared, labels: LabelSet) -> list[Vertebra]:
+def _base_method(prepared: Prepared) -> list[Vertebra]:
     """Table 2's 'base': the argmax of each 3-D map, kept if it is a real peak."""
     maps = prepared.heatmaps
     peaks = maps.array.reshape(-1, NUM_CHANNELS).max(axis=0)
@@ -290,14 +290,8 @@ def _base_method(prepared: Prepared, labels: LabelSet) -> list[Vertebra]:
     out = []
     for c in np.nonzero(keep)[0]:
         ijk = np.unravel_index(int(np.argmax(maps.array[..., c])), maps.shape3)
-        out.append(Vertebra(labels.levels[labels.index(_channel_label(c))], maps.voxel_to_world(np.array(ijk))))
+        out.append(Vertebra(LEVELS_26[c], maps.voxel_to_world(np.array(ijk))))
     return out
-
-
-def _channel_label(c: int) -> str:
-    from .anatomy import LEVELS_26
-
-    return LEVELS_26[c]
 
 
 def _rect_method(model) -> "object":
