@@ -224,3 +224,95 @@ def test_weighted_l2_counts_the_blobs_more_than_the_background():
     off = zeros.clone()
     off[0, 0, 3, 3, 3] = 1.0
     assert float(weighted_l2(off, torch.zeros_like(target), 50.0)) == pytest.approx(1 / 64)
+
+
+def test_heatmap_height_scales_targets_and_the_foreground_weight(tmp_path):
+    config = tiny_config(tmp_path)
+    config.model.patch_size, config.model.spacing_mm, config.model.sigma_mm = 32, 3.0, 4.0
+    case, _ = _ball_case()
+    unit = tr.sample_patch(case, config, np.random.default_rng(3), augment=False)[1]
+    config.model.heatmap_height = 100.0
+    tall = tr.sample_patch(case, config, np.random.default_rng(3), augment=False)[1]
+    assert tall.max() > 50 and np.allclose(tall, 100.0 * unit, atol=1e-3)
+    zeros = torch.zeros((1, *unit.shape))
+    plain = float(tr.weighted_l2(zeros, torch.from_numpy(unit)[None], 50.0))
+    scaled = float(tr.weighted_l2(zeros, torch.from_numpy(tall)[None], 50.0, 100.0))
+    assert scaled == pytest.approx(1e4 * plain, rel=1e-3)  # the weight follows the blob's shape, not its height
+
+
+def test_inference_divides_outputs_by_the_heatmap_height(tmp_path):
+    from VertebraIDLib.inference import predict_heatmaps
+
+    config = tiny_config(tmp_path)
+    torch.manual_seed(0)
+    network = net.build_network(config.network_config)
+    array = np.full((24, 24, 24), -1000.0, np.float32)  # air around a block of bone
+    array[6:18, 6:18, 4:20] = 300.0
+    ct = Volume(array, np.diag([8.0, 8.0, 8.0, 1.0]))
+    maps = {}
+    for height in (1.0, 10.0):
+        meta = net.make_metadata(config.network_config, spacing_mm=8.0, patch_size=32, sigma_mm=10.0,
+                                 hu_window=(-250, 1250), heatmap_height=height)
+        maps[height] = predict_heatmaps(ct, net.Model(network.eval(), meta, torch.device("cpu")), "cpu").array
+    positive = maps[1.0] > 1e-3
+    assert positive.any() and np.allclose(maps[10.0][positive], maps[1.0][positive] / 10.0, rtol=1e-3)
+
+
+def test_max_minutes_stops_with_a_saved_validated_model(tmp_path):
+    config = tiny_config(tmp_path / "run", epochs=50)
+    config.train.max_minutes = 1e-4  # passes within the first epoch
+    result = tr.train(config, show_progress=False, log=lambda m: None)
+    assert result.epochs_done == 1 and len(result.history) == 1
+    meta = net.load_model(result.model_path, "cpu").metadata
+    assert "id_rate" in meta["metrics"]["validation"] and "level_peak_within_10mm" in meta["metrics"]["validation"]
+    assert meta["training"]["patches_seen"] == 2 and meta["training"]["phantoms_seen"] == 2
+
+
+def test_init_from_starts_from_a_model_and_refuses_a_different_one(tmp_path):
+    first = tr.train(tiny_config(tmp_path / "a", epochs=1), show_progress=False, log=lambda m: None)
+    config = tiny_config(tmp_path / "b", epochs=1)
+    config.train.init_from = str(first.model_path)
+    config.train.learning_rate = 1e-12  # next to no update: the weights must be the first model's
+    second = tr.train(config, show_progress=False, log=lambda m: None)
+    a = net.weights_state(net.load_model(first.model_path, "cpu").network)
+    b = net.weights_state(net.load_model(second.model_path, "cpu").network)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert net.load_model(second.model_path, "cpu").metadata["training"]["init_from"] == str(first.model_path)
+    other = tiny_config(tmp_path / "c", epochs=1)
+    other.model.sigma_mm = 12.0
+    other.train.init_from = str(first.model_path)
+    with pytest.raises(VertebraIDError, match="differs in sigma_mm"):
+        tr.train(other, show_progress=False, log=lambda m: None)
+    with pytest.raises(VertebraIDError, match="does not exist"):
+        tr.config_from_dict({"train": {"init_from": str(tmp_path / "none.safetensors")}})
+
+
+def test_level_peak_errors_measure_each_levels_own_map():
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    maps = Volume(np.zeros((20, 20, 20, 26), np.float32), affine)
+    maps.array[5, 5, 5, tr.CHANNEL_OF["L1"]] = 1.0
+    maps.array[15, 15, 15, tr.CHANNEL_OF["L2"]] = 1.0
+    truth = [Vertebra("L1", np.array([10.0, 10.0, 10.0])), Vertebra("L2", np.array([10.0, 10.0, 10.0])),
+             Vertebra("T13", np.array([0.0, 0.0, 0.0]))]
+    errors = tr.level_peak_errors(maps, truth)
+    assert errors == pytest.approx([0.0, np.sqrt(3) * 20.0])  # T13 has no channel
+
+
+def test_blob_targets_match_render_gaussians_on_an_augmented_grid(tmp_path):
+    from types import SimpleNamespace
+
+    from VertebraIDLib.points import render_gaussians
+
+    config = tiny_config(tmp_path)
+    config.model.patch_size, config.model.spacing_mm, config.model.sigma_mm = 32, 3.0, 4.0
+    config.model.heatmap_height = 7.0
+    config.augment.flip_lr = 1.0
+    case, _ = _ball_case()
+    for seed in range(4):
+        image, target, affine = tr.sample_patch(case, config, np.random.default_rng(seed))
+        weights = np.zeros((len(case.positions), 26), np.float32)
+        weights[np.arange(len(case.positions)), case.channels] = 7.0
+        grid = SimpleNamespace(affine=affine, shape3=(32, 32, 32))
+        reference = np.moveaxis(render_gaussians(case.positions, weights, grid, 4.0, truncate=10.0), -1, 0)
+        assert target.max() > 3.0
+        np.testing.assert_allclose(target, reference, atol=1e-3)

@@ -176,7 +176,7 @@ def predict_heatmaps(
     )
     tensor = torch.from_numpy(image.array)[None, None]
     with torch.inference_mode():
-        output = inferer(tensor, run_windows)[0].clamp(min=0.0)
+        output = (inferer(tensor, run_windows)[0] / model.heatmap_height).clamp(min=0.0)
     dtype = np.float16 if compact else np.float32
     maps = np.ascontiguousarray(np.moveaxis(output.numpy(), 0, -1), dtype=dtype)
     return Volume(maps, image.affine)

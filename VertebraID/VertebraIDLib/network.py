@@ -158,6 +158,11 @@ class Model:
         return float(self.metadata["sigma_mm"])
 
     @property
+    def heatmap_height(self) -> float:
+        """Peak value of the training targets; outputs are divided by it (older models: 1)."""
+        return float(self.metadata.get("heatmap_height", 1.0))
+
+    @property
     def hu_window(self) -> tuple[float, float]:
         lo, hi = self.metadata["normalization"]["hu_window"]
         return float(lo), float(hi)
@@ -202,6 +207,7 @@ def make_metadata(
     patch_size,
     sigma_mm: float,
     hu_window,
+    heatmap_height: float = 1.0,
     training: dict | None = None,
     metrics: dict | None = None,
     **extra,
@@ -219,6 +225,7 @@ def make_metadata(
         "spacing_mm": spacing,
         "patch_size": patch,
         "sigma_mm": float(sigma_mm),
+        "heatmap_height": float(heatmap_height),
         "normalization": {
             "hu_window": [float(hu_window[0]), float(hu_window[1])],
             "description": "HU clipped to the window and scaled linearly to [0, 1]",

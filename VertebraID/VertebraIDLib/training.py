@@ -13,9 +13,12 @@ Patches and augmentation: a patch is MONAI `SpatialResample` of the case onto a 
 with probability `spine_fraction`, else anywhere in the scan. The grid carries the spatial
 augmentation: small rotations, isotropic scaling and a left-right mirror (the spine's order
 is untouched: no flips along the spine, no large rotations). The target, 26 Gaussian maps
-(sigma in mm, peak 1, one channel per level; T13 and L6 have none) is rendered with
-`points.render_gaussians` directly on the patch grid from the true body centres, so image and
-target agree exactly whatever the augmentation. Intensity augmentation (MONAI): noise, blur,
+(sigma in mm, peak `heatmap_height`, one channel per level; T13 and L6 have none) is rendered
+directly on the patch grid from the true body centres, so image and target agree exactly
+whatever the augmentation. Loader workers send only the blobs (centre in patch voxels, channel,
+width; `sample_patch_blobs`) and `render_blob_targets` draws the maps where the network runs:
+a dense 26-channel patch is ~100 MB at 96^3, and shipping it between processes was what
+limited training on a GPU. Intensity augmentation (MONAI): noise, blur,
 gamma, scale and shift, a bias field — texture and contrast randomisation that keeps bone
 the brightest structure, aimed at closing the gap from phantoms to real scans.
 
@@ -46,7 +49,6 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -70,6 +72,10 @@ class ModelSection:
     spacing_mm: float = 4.0
     patch_size: int = 96
     sigma_mm: float = 6.0
+    # Peak of the target blobs. A random network's outputs are O(1) everywhere; with unit-height
+    # targets the cheapest first move is to shrink them all towards zero, and the sparse blobs
+    # never pull back. Taller targets make the blobs dominate the loss; outputs are divided by it.
+    heatmap_height: float = 1.0
     hu_window: list = field(default_factory=lambda: [-250.0, 1250.0])
 
 
@@ -106,6 +112,8 @@ class TrainSection:
     # Targets are sparse blobs (a few hundred voxels of a patch per channel): with plain L2 a
     # network first learns to output zeros. Voxels weigh 1 + foreground_weight x target.
     foreground_weight: float = 0.0
+    init_from: str = ""  # a model file whose weights start the training (same [model]); "" = random
+    max_minutes: float = 0.0  # stop (with a saved model and a validation) after the epoch that passes this; 0 = off
 
 
 @dataclass
@@ -201,6 +209,9 @@ def config_from_dict(data: dict, base_dir: PathLike | None = None) -> TrainConfi
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     out = Path(config.output_dir).expanduser()
     config.output_dir = str(out if out.is_absolute() else (base / out).resolve())
+    if config.train.init_from:
+        init = Path(config.train.init_from).expanduser()
+        config.train.init_from = str(init if init.is_absolute() else (base / init).resolve())
     config.data.folders = [str(p if Path(p).is_absolute() else (base / p).resolve()) for p in
                            (Path(str(f)).expanduser() for f in config.data.folders)]
     validate_config(config)
@@ -216,6 +227,12 @@ def validate_config(config: TrainConfig) -> None:
         raise VertebraIDError(f"model.patch_size must be at least 16 and a multiple of {net.downsampling}, got {m.patch_size}.")
     if t.foreground_weight < 0:
         raise VertebraIDError(f"train.foreground_weight must be >= 0, got {t.foreground_weight}.")
+    if not 0 < m.heatmap_height <= 1e4:
+        raise VertebraIDError(f"model.heatmap_height must be in (0, 10000], got {m.heatmap_height}.")
+    if t.init_from and not Path(t.init_from).is_file():
+        raise VertebraIDError(f"train.init_from: the model file '{t.init_from}' does not exist.")
+    if t.max_minutes < 0:
+        raise VertebraIDError(f"train.max_minutes must be >= 0 (0 = no limit), got {t.max_minutes}.")
     if not 0.5 <= m.sigma_mm <= 50:
         raise VertebraIDError(f"model.sigma_mm must be between 0.5 and 50 mm, got {m.sigma_mm}.")
     if len(m.hu_window) != 2 or not all(isinstance(x, (int, float)) for x in m.hu_window) or m.hu_window[0] >= m.hu_window[1]:
@@ -297,11 +314,11 @@ def make_training_case(ct, truth, name: str, config: TrainConfig) -> TrainingCas
     return TrainingCase(reduced, positions, channels, name)
 
 
-def weighted_l2(prediction, target, foreground_weight: float = 0.0):
-    """The paper's L2 loss, optionally weighting voxels by 1 + foreground_weight x target."""
+def weighted_l2(prediction, target, foreground_weight: float = 0.0, heatmap_height: float = 1.0):
+    """The paper's L2 loss, optionally weighting voxels by 1 + foreground_weight x target / heatmap_height."""
     squared = (prediction - target) ** 2
     if foreground_weight > 0:
-        squared = squared * (1.0 + foreground_weight * target)
+        squared = squared * (1.0 + (foreground_weight / heatmap_height) * target)
     return squared.mean()
 
 
@@ -360,14 +377,46 @@ def _intensity_transforms(config: TrainConfig):
     ])
 
 
+#: Blob rows per patch (a case has at most one vertebra per channel); unused rows have channel -1.
+MAX_BLOBS = NUM_CHANNELS
+
+
+def render_blob_targets(blobs, patch_size: int, heatmap_height: float):
+    """Dense targets (B, 26, P, P, P) from blob rows (B, MAX_BLOBS, 5) = (i, j, k, channel, sigma in voxels).
+
+    Torch, on the blobs' device. One blob per channel, so each map is a separable Gaussian.
+    """
+    import torch
+
+    blobs = torch.as_tensor(blobs, dtype=torch.float32)
+    batch = blobs.shape[0]
+    axis = torch.arange(patch_size, device=blobs.device, dtype=torch.float32)
+    target = torch.zeros((batch, NUM_CHANNELS, patch_size, patch_size, patch_size), device=blobs.device)
+    valid = blobs[..., 3] >= 0
+    if not bool(valid.any()):
+        return target
+    b, n = torch.nonzero(valid, as_tuple=True)
+    rows = blobs[b, n]
+    g = torch.exp(-((axis[None, None, :] - rows[:, :3, None]) ** 2) / (2.0 * rows[:, 4, None, None] ** 2))  # (M, 3, P)
+    maps = heatmap_height * g[:, 0, :, None, None] * g[:, 1, None, :, None] * g[:, 2, None, None, :]
+    target[b, rows[:, 3].long()] = maps
+    return target
+
+
 def sample_patch(case: TrainingCase, config: TrainConfig, rng: np.random.Generator, intensity=None,
                  augment: bool = True):
     """(image (1, P, P, P), target (26, P, P, P), patch affine) as float32 arrays."""
+    image, blobs, affine = sample_patch_blobs(case, config, rng, intensity, augment)
+    target = render_blob_targets(blobs[None], config.model.patch_size, config.model.heatmap_height)[0]
+    return image, target.numpy(), affine
+
+
+def sample_patch_blobs(case: TrainingCase, config: TrainConfig, rng: np.random.Generator, intensity=None,
+                       augment: bool = True):
+    """(image (1, P, P, P), blobs (MAX_BLOBS, 5), patch affine): the compact form for loader workers."""
     import torch
     from monai.data import MetaTensor
     from monai.transforms import SpatialResample
-
-    from .points import render_gaussians
 
     size = config.model.patch_size
     spacing = config.model.spacing_mm
@@ -394,13 +443,16 @@ def sample_patch(case: TrainingCase, config: TrainConfig, rng: np.random.Generat
     if augment and intensity is not None:
         intensity.set_random_state(seed=int(rng.integers(2**31)))
         image = torch.as_tensor(intensity(image)).float()
-    weights = np.zeros((len(case.positions), NUM_CHANNELS), np.float32)
-    weights[np.arange(len(case.positions)), case.channels] = 1.0
-    grid = SimpleNamespace(affine=affine, shape3=(size, size, size))
-    target = render_gaussians(case.positions, weights, grid, config.model.sigma_mm) if len(case.positions) else \
-        np.zeros((size, size, size, NUM_CHANNELS), np.float32)
-    target = np.ascontiguousarray(np.moveaxis(target, -1, 0))
-    return np.asarray(image, np.float32).reshape(1, size, size, size), target, affine
+    blobs = np.full((MAX_BLOBS, 5), -1.0, np.float32)
+    if len(case.positions):
+        # the patch grid is isotropic (rotation x uniform scale), so a round blob stays round in voxels
+        voxel_mm = spacing * scale
+        ijk = (case.positions - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
+        sigma = config.model.sigma_mm / voxel_mm
+        near = np.all((ijk > -4 * sigma) & (ijk < size - 1 + 4 * sigma), axis=1)  # others add nothing
+        rows = np.column_stack([ijk, case.channels, np.full(len(ijk), sigma)])[near][:MAX_BLOBS]
+        blobs[:len(rows)] = rows
+    return np.asarray(image, np.float32).reshape(1, size, size, size), blobs, affine
 
 
 def load_folder_cases(folders, config: TrainConfig, log=print) -> list[TrainingCase]:
@@ -461,8 +513,8 @@ def _patch_stream_class():
                 case = phantom_case(key, self.config) if kind == "phantom" else self.folder_cases[key]
                 for j in range(self.config.data.patches_per_case):
                     rng = np.random.default_rng([self.config.seed, self.epoch, self.rank, k, j])
-                    image, target, _ = sample_patch(case, self.config, rng, intensity)
-                    yield torch.from_numpy(image), torch.from_numpy(target)
+                    image, blobs, _ = sample_patch_blobs(case, self.config, rng, intensity)
+                    yield torch.from_numpy(image), torch.from_numpy(blobs)
 
     return PatchStream
 
@@ -557,6 +609,20 @@ def validation_cases(config: TrainConfig) -> list[tuple]:
     return out
 
 
+def level_peak_errors(heatmaps, truth) -> list[float]:
+    """Distance (mm) from each true vertebra to the maximum of its own level's map."""
+    errors = []
+    for v in truth:
+        c = CHANNEL_OF.get(v.label)
+        if c is None or not np.all(np.isfinite(v.position)):
+            continue
+        channel = heatmaps.array[..., c]
+        ijk = np.array(np.unravel_index(int(np.argmax(channel)), channel.shape), float)
+        peak = heatmaps.affine[:3, :3] @ ijk + heatmaps.affine[:3, 3]
+        errors.append(float(np.linalg.norm(peak - np.asarray(v.position, float))))
+    return errors
+
+
 def validate(network, metadata: dict, cases, config: TrainConfig, device) -> dict:
     """Id rate through the whole pipeline: network -> locate -> metrics."""
     from .metrics import evaluate_case, summarize
@@ -568,10 +634,11 @@ def validate(network, metadata: dict, cases, config: TrainConfig, device) -> dic
     was_training = module.training
     model = Model(module.eval(), metadata, device, None, config.network_config)
     options = LocateOptions(method=config.validation.method, sigma_mm=config.model.sigma_mm)
-    evaluations = []
+    evaluations, peak_errors = [], []
     t0 = time.perf_counter()
     for name, ct, truth in cases:
         heatmaps = predict_heatmaps(ct, model, str(device))
+        peak_errors += level_peak_errors(heatmaps, truth)
         result = locate(heatmaps, options)
         evaluations.append(evaluate_case(result.vertebrae, truth, name=name))
     module.train(was_training)
@@ -583,6 +650,8 @@ def validate(network, metadata: dict, cases, config: TrainConfig, device) -> dic
         "all_correct_rate": summary.all_correct_rate,
         "num_scans": summary.num_scans,
         "num_vertebrae": overall.num_gt,
+        # the network alone: how often a level's map peaks within 10 mm of that vertebra
+        "level_peak_within_10mm": float(np.mean(np.asarray(peak_errors) <= 10.0)) if peak_errors else None,
         "seconds": time.perf_counter() - t0,
     }
 
@@ -599,10 +668,32 @@ class TrainResult:
     history: list = field(default_factory=list)
 
 
-def _learning_rate(config: TrainConfig, step: int, total: int) -> float:
+def _initialise_from(network, config: TrainConfig) -> None:
+    """Start from a model file's weights (checksum-verified); its architecture and grid must match."""
+    from .network import load_model, load_weights_state, weights_state
+
+    source = load_model(config.train.init_from, "cpu")
+    m = config.model
+    mismatch = [name for name, ours, theirs in (
+        ("network", config.network_config.to_dict(), source.config.to_dict()),
+        ("spacing_mm", [float(m.spacing_mm)] * 3, list(source.spacing_mm)),
+        ("sigma_mm", float(m.sigma_mm), source.sigma_mm),
+        ("heatmap_height", float(m.heatmap_height), source.heatmap_height),
+        ("hu_window", [float(v) for v in m.hu_window], list(source.hu_window)),
+    ) if ours != theirs]
+    if mismatch:
+        raise VertebraIDError(f"train.init_from '{config.train.init_from}' differs in {', '.join(mismatch)} from [model].")
+    load_weights_state(network, weights_state(source.network))
+
+
+def _learning_rate(config: TrainConfig, step: int, total: int, elapsed_s: float = 0.0) -> float:
+    """Warm-up, then a cosine decay over the planned steps, or over max_minutes when that ends first."""
     t = config.train
     warm = min(1.0, (step + 1) / max(t.warmup_steps, 1))
-    return t.learning_rate * warm * 0.5 * (1.0 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
+    done = step / max(total, 1)
+    if t.max_minutes:
+        done = max(done, elapsed_s / (60.0 * t.max_minutes))
+    return t.learning_rate * warm * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
 
 
 def _distributed(device_kind: str):
@@ -647,7 +738,10 @@ def train(config: TrainConfig | PathLike, resume: bool = False, progress: Callab
                 f"'{out}' already holds checkpoints; resume them (--resume) or choose another output_dir."
             )
         torch.manual_seed(config.seed)
-        network = build_network(config.network_config).to(device)
+        network = build_network(config.network_config)
+        if config.train.init_from and not resume:
+            _initialise_from(network, config)
+        network = network.to(device)
         optimizer = torch.optim.AdamW(network.parameters(), lr=config.train.learning_rate,
                                       weight_decay=config.train.weight_decay)
         amp = device.type == "cuda" and config.train.amp
@@ -683,9 +777,10 @@ def train(config: TrainConfig | PathLike, resume: bool = False, progress: Callab
             writer = SummaryWriter(str(out / "tensorboard"), purge_step=step if resumed_from else None)
         metadata_base = dict(
             spacing_mm=config.model.spacing_mm, patch_size=config.model.patch_size, sigma_mm=config.model.sigma_mm,
-            hu_window=config.model.hu_window,
+            hu_window=config.model.hu_window, heatmap_height=config.model.heatmap_height,
         )
         model_path = out / "model.safetensors" if (out / "model.safetensors").exists() else None
+        run_start = time.perf_counter()
         for epoch in range(start_epoch, config.train.epochs):
             model.train()
             stream = PatchStream(config, epoch, rank, world, folder_cases)
@@ -694,15 +789,18 @@ def train(config: TrainConfig | PathLike, resume: bool = False, progress: Callab
             bar = tqdm(loader, total=batches_per_epoch, desc=f"epoch {epoch + 1}/{config.train.epochs}",
                        disable=not (main and show_progress), leave=False)
             t0, seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
-            for image, target in bar:
-                image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
-                lr = _learning_rate(config, step, total_steps)
+            for image, blobs in bar:
+                image = image.to(device, non_blocking=True)
+                target = render_blob_targets(blobs.to(device, non_blocking=True), config.model.patch_size,
+                                             config.model.heatmap_height)
+                lr = _learning_rate(config, step, total_steps, time.perf_counter() - run_start)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
                     prediction = model(image)
-                loss = weighted_l2(prediction.float(), target, config.train.foreground_weight)
+                loss = weighted_l2(prediction.float(), target, config.train.foreground_weight,
+                                   config.model.heatmap_height)
                 if scaler is not None and amp:
                     scaler.scale(loss).backward()
                     scaler.unscale_(optimizer)
@@ -727,8 +825,12 @@ def train(config: TrainConfig | PathLike, resume: bool = False, progress: Callab
                         raise Cancelled("Training cancelled")
             seconds = time.perf_counter() - t0
             entry = {"epoch": epoch + 1, "step": step, "loss": loss_sum / max(batches, 1),
-                     "patches_per_s": seen * world / max(seconds, 1e-9), "seconds": seconds}
-            if main and val_cases and ((epoch + 1) % config.validation.every == 0 or epoch + 1 == config.train.epochs):
+                     "patches_per_s": seen * world / max(seconds, 1e-9), "seconds": seconds,
+                     "patches": seen * world,
+                     "phantoms": sum(kind == "phantom" for kind, _ in stream.specs) * world}
+            out_of_time = _out_of_time(config, run_start, world, device)
+            last = out_of_time or epoch + 1 == config.train.epochs
+            if main and val_cases and ((epoch + 1) % config.validation.every == 0 or last):
                 metadata = make_metadata(config.network_config, **metadata_base)
                 entry["validation"] = validate(model, metadata, val_cases, config, device)
             if main:
@@ -746,7 +848,7 @@ def train(config: TrainConfig | PathLike, resume: bool = False, progress: Callab
                     best = {"epoch": epoch + 1, "id_rate": val["id_rate"]}
                 metadata = make_metadata(
                     config.network_config, **metadata_base,
-                    training=_training_description(config, epoch + 1, step),
+                    training=_training_description(config, epoch + 1, step, history),
                     metrics={"validation": val, "train_loss": entry["loss"], "epoch": epoch + 1},
                 )
                 model_path, _ = save_model(network, metadata, out / "model.safetensors")
@@ -758,24 +860,48 @@ def train(config: TrainConfig | PathLike, resume: bool = False, progress: Callab
                 message = f"epoch {epoch + 1}: loss {entry['loss']:.5f}, {entry['patches_per_s']:.2f} patches/s"
                 if "id_rate" in val and val["id_rate"] is not None:
                     message += f", validation id rate {100 * val['id_rate']:.1f} %"
+                if val.get("level_peak_within_10mm") is not None:
+                    message += f", level peaks within 10 mm {100 * val['level_peak_within_10mm']:.1f} %"
                 log(message)
             if world > 1:
                 dist.barrier()
+            if out_of_time:
+                if main:
+                    log(f"Stopping after epoch {epoch + 1}: train.max_minutes ({config.train.max_minutes}) reached.")
+                break
         if writer is not None:
             writer.close()
-        return TrainResult(out, model_path if main else None, config.train.epochs, resumed_from, history)
+        epochs_done = history[-1]["epoch"] if history else start_epoch
+        return TrainResult(out, model_path if main else None, epochs_done, resumed_from, history)
     finally:
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _training_description(config: TrainConfig, epochs: int, steps: int) -> dict:
+def _out_of_time(config: TrainConfig, run_start: float, world: int, device) -> bool:
+    """Whether train.max_minutes has passed; with several processes, rank 0's clock decides for all."""
+    if not config.train.max_minutes:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([float(time.perf_counter() - run_start > 60.0 * config.train.max_minutes)], device=device)
+    if world > 1:
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def _training_description(config: TrainConfig, epochs: int, steps: int, history: list) -> dict:
+    """What a model file says about its training; counts come from the history (resumed runs included)."""
     d = config.data
     return {
         "description": config.description,
         "epochs": epochs,
         "steps": steps,
-        "phantoms_seen": epochs * d.phantoms_per_epoch,
+        "phantoms_seen": sum(int(e.get("phantoms", d.phantoms_per_epoch)) for e in history),
+        "patches_seen": sum(int(e.get("patches", 0)) for e in history),
+        "training_seconds": round(sum(float(e.get("seconds", 0.0)) for e in history), 1),
+        "init_from": config.train.init_from,
         "phantom_seeds_from": d.phantom_seed,
         "phantom_options": d.phantom_options,
         "folders": d.folders,
