@@ -19,7 +19,7 @@ whatever the augmentation. Loader workers send only the blobs (centre in patch v
 width; `sample_patch_blobs`) and `render_blob_targets` draws the maps where the network runs:
 a dense 26-channel patch is ~100 MB at 96^3, and shipping it between processes was what
 limited training on a GPU. Intensity augmentation (MONAI): noise, blur,
-gamma, scale and shift, a bias field — texture and contrast randomisation that keeps bone
+gamma, scale and shift, a bias field, thick-slice blur — texture and contrast randomisation that keeps bone
 the brightest structure, aimed at closing the gap from phantoms to real scans.
 
 Loss: mean squared error (the paper's L2) over all voxels and channels.
@@ -370,6 +370,8 @@ def _intensity_transforms(config: TrainConfig):
     return Compose([
         RandBiasField(prob=p(0.15), coeff_range=(0.0, 0.15)),
         RandGaussianSmooth(prob=p(0.2), sigma_x=(0.3, 1.0), sigma_y=(0.3, 1.0), sigma_z=(0.3, 1.0)),
+        # thick slices: blur along the patch's third axis, which stays close to the scanner's S axis
+        RandGaussianSmooth(prob=p(0.2), sigma_x=(0.0, 0.2), sigma_y=(0.0, 0.2), sigma_z=(0.5, 1.5)),
         RandAdjustContrast(prob=p(0.3), gamma=(0.7, 1.5)),
         RandScaleIntensity(prob=p(0.3), factors=0.15),
         RandShiftIntensity(prob=p(0.3), offsets=0.08),
@@ -784,8 +786,10 @@ def train(config: TrainConfig | PathLike, resume: bool = False, progress: Callab
         for epoch in range(start_epoch, config.train.epochs):
             model.train()
             stream = PatchStream(config, epoch, rank, world, folder_cases)
-            loader = torch.utils.data.DataLoader(stream, batch_size=config.train.batch_size,
-                                                 num_workers=config.train.num_workers)
+            workers = config.train.num_workers
+            loader = torch.utils.data.DataLoader(stream, batch_size=config.train.batch_size, num_workers=workers,
+                                                 pin_memory=device.type == "cuda",
+                                                 prefetch_factor=4 if workers else None)
             bar = tqdm(loader, total=batches_per_epoch, desc=f"epoch {epoch + 1}/{config.train.epochs}",
                        disable=not (main and show_progress), leave=False)
             t0, seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
