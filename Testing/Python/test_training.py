@@ -316,3 +316,19 @@ def test_blob_targets_match_render_gaussians_on_an_augmented_grid(tmp_path):
         reference = np.moveaxis(render_gaussians(case.positions, weights, grid, 4.0, truncate=10.0), -1, 0)
         assert target.max() > 3.0
         np.testing.assert_allclose(target, reference, atol=1e-3)
+
+
+def test_train_cli_overrides_time_budget_and_start(tmp_path, capsys):
+    from VertebraIDLib.cli import main
+
+    first = tr.train(tiny_config(tmp_path / "a", epochs=1), show_progress=False, log=lambda m: None)
+    config = tiny_config(tmp_path / "unused", epochs=50).to_dict()
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    code = main(["train", str(tmp_path / "c.json"), "--output-dir", str(tmp_path / "b"), "--max-minutes", "0.0001",
+                 "--init-from", str(first.model_path)])
+    assert code == 0 and "model ->" in capsys.readouterr().out
+    meta = net.load_model(tmp_path / "b" / "model.safetensors", "cpu").metadata
+    assert meta["training"]["epochs"] == 1 and meta["training"]["init_from"] == str(first.model_path)
+    assert main(["train", str(tmp_path / "c.json"), "--output-dir", str(tmp_path / "d"),
+                 "--init-from", str(tmp_path / "missing.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -16,6 +16,9 @@ def register(subparsers) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the configuration's device")
     parser.add_argument("--output-dir", help="override the configuration's output_dir")
     parser.add_argument("--epochs", type=int, help="override the number of epochs")
+    parser.add_argument("--max-minutes", type=float,
+                        help="stop after the epoch that passes this many minutes (the schedule spans them)")
+    parser.add_argument("--init-from", help="start from this model file's weights ('' = random)")
     parser.set_defaults(func=run)
 
 
@@ -31,6 +34,12 @@ def run(args) -> int:
         config.output_dir = str(Path(args.output_dir).resolve())
     if args.epochs is not None:
         config.train.epochs = args.epochs
+    if args.max_minutes is not None:
+        config.train.max_minutes = args.max_minutes
+    if args.init_from is not None:
+        from pathlib import Path
+
+        config.train.init_from = str(Path(args.init_from).resolve()) if args.init_from else ""
     validate_config(config)
     result = train(config, resume=args.resume)
     if result.model_path is not None:
