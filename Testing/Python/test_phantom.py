@@ -226,3 +226,28 @@ def test_write_phantom_files_round_trip(tmp_path):
     with pytest.raises(VertebraIDError):
         write_phantom(p, tmp_path, "../escape")
     assert not any(f.name.startswith(".") for f in tmp_path.iterdir()), "no temporary files left behind"
+
+
+def test_contrast_strength_varies_from_late_to_arterial_phase(monkeypatch):
+    from VertebraIDLib.phantom import soft_tissue
+
+    made = []
+    original = soft_tissue.organ_solids
+
+    def recording(*args, **kwargs):
+        solids = original(*args, **kwargs)
+        made.append((args[3].contrast_scale, {s.name: s.core_hu for s in solids}))
+        return solids
+
+    monkeypatch.setattr(soft_tissue, "organ_solids", recording)
+    scales = []
+    for seed in (3, 4, 5):
+        p = generate_phantom(seed, levels="T8..L2", spacing=5.0, pathologies=["contrast"])
+        scale, core = made[-1]
+        assert p.meta["patient"]["contrast_scale"] == pytest.approx(scale, abs=0.01)
+        assert 0.6 <= scale <= 2.0
+        assert core["aorta"] == pytest.approx(40.0 + 180.0 * scale)  # blood 40 HU, portal venous phase 220 HU
+        scales.append(scale)
+    assert len(set(scales)) == 3
+    plain = generate_phantom(3, levels="T8..L2", spacing=5.0, pathologies=[])
+    assert made[-1][1]["aorta"] == 40.0 and plain.meta["patient"]["contrast_scale"] is None

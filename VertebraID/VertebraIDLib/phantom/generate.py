@@ -239,10 +239,13 @@ def generate_phantom(seed: int, options: PhantomOptions | None = None, **kwargs)
     opts = options.validated()
     timings = {}
     t0 = time.perf_counter()
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(6)]
-    rng_patient, rng_anatomy, rng_scan, rng_tissue, rng_noise, rng_metal = streams
+    # appending a stream leaves the earlier ones (and so every earlier phantom's draws) unchanged
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(7)]
+    rng_patient, rng_anatomy, rng_scan, rng_tissue, rng_noise, rng_metal, rng_contrast = streams
 
     patient = _draw_patient(opts, rng_patient)
+    if patient.habitus.contrast:
+        patient.habitus.contrast_scale = float(rng_contrast.uniform(0.6, 2.0))
     segments = _segments(patient, opts, rng_anatomy)
     spine = build_spine(segments, patient.curvature, patient.scoliosis)
     c1 = spine.segment("C1")
@@ -481,6 +484,7 @@ def generate_phantom(seed: int, options: PhantomOptions | None = None, **kwargs)
             "fractures": {k: f"{v['grade']} {v['kind']}" for k, v in patient.fractures.items()},
             "cancellous_hu": round(dens.cancellous, 1), "cortex_hu": round(dens.cortex, 1),
             "fat_mm": round(patient.habitus.fat_mm, 1), "contrast": patient.habitus.contrast,
+            "contrast_scale": round(patient.habitus.contrast_scale, 2) if patient.habitus.contrast else None,
         },
         "pathologies": list(patient.pathologies),
         "implants": {"pedicle_screws": patient.screw_levels, "hip_prosthesis": list(patient.prosthesis_sides)},

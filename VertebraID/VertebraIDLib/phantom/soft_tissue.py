@@ -34,7 +34,9 @@ class Habitus:
     fat_mm: float = 18.0
     visceral: float = 0.5  # 0..1 share of fat between the bowel loops
     muscle: float = 1.0
-    contrast: bool = False  # intravenous contrast (portal venous phase)
+    contrast: bool = False  # intravenous contrast
+    # enhancement relative to a portal venous phase (aorta ~220 HU): 0.6 = late, 2 = arterial (~400 HU)
+    contrast_scale: float = 1.0
     muscle_hu: float = HU_MUSCLE
 
 
@@ -316,6 +318,10 @@ def organ_solids(spine: SpineShape, cage, hip_centres, habitus: Habitus, rng) ->
     seg = spine.segment
     con = habitus.contrast
 
+    def enhanced(plain: float, portal_venous: float) -> float:
+        """HU of a tissue: plain without contrast, else scaled from its portal venous value."""
+        return plain if not con else plain + (portal_venous - plain) * habitus.contrast_scale
+
     def at(name, local):
         g = seg(name)
         return None if g is None else g.centre + np.array(local, float) * s
@@ -361,9 +367,9 @@ def organ_solids(spine: SpineShape, cage, hip_centres, habitus: Habitus, rng) ->
     if t11 is not None and l1 is not None:
         liver_c = t11.centre + np.array([62.0, 68.0, -5.0]) * s
         out.append(Solid("liver", [Ellipsoid(liver_c, eye, (85 * s, 82 * s, 80 * s), exponent=2.3, shell=2.0)],
-                         60.0 if not con else 105.0, 58.0 if not con else 110.0))
+                         enhanced(60.0, 105.0), enhanced(58.0, 110.0)))
         out.append(Solid("spleen", [Ellipsoid(t11.centre + np.array([-85.0, 15.0, -10.0]) * s, eye,
-                                              (28 * s, 45 * s, 55 * s), shell=2.0)], 45.0, 45.0 if not con else 120.0))
+                                              (28 * s, 45 * s, 55 * s), shell=2.0)], 45.0, enhanced(45.0, 120.0)))
         out.append(Solid("stomach", [Ellipsoid(t11.centre + np.array([-55.0, 95.0, 0.0]) * s, eye, (45 * s, 35 * s, 55 * s),
                                                shell=4.0)], 40.0, 10.0))
         for side, name in ((1.0, "right"), (-1.0, "left")):
@@ -373,7 +379,7 @@ def organ_solids(spine: SpineShape, cage, hip_centres, habitus: Habitus, rng) ->
             frame = np.array([[np.cos(tilt), -np.sin(tilt), 0], [np.sin(tilt), np.cos(tilt), 0], [0, 0, 1.0]])
             kid = Ellipsoid(c, frame, (28 * s, 22 * s, 55 * s), shell=5.0)
             out.append(Solid(f"perirenal fat {name}", [Ellipsoid(c, frame, (40 * s, 33 * s, 68 * s), shell=3.0)], -90.0, -85.0))
-            out.append(Solid(f"kidney {name}", [kid], 32.0 if not con else 190.0, 25.0 if not con else 140.0))
+            out.append(Solid(f"kidney {name}", [kid], enhanced(32.0, 190.0), enhanced(25.0, 140.0)))
             out.append(Solid(f"renal sinus {name}", [Ellipsoid(c + np.array([-side * 14.0, 8.0, 0.0]) * s, frame,
                                                                (9 * s, 8 * s, 22 * s), shell=0.5)], -60.0, -80.0))
     # bladder above the symphysis
@@ -388,7 +394,7 @@ def organ_solids(spine: SpineShape, cage, hip_centres, habitus: Habitus, rng) ->
         frame = _rot_z(np.radians(-35)) @ _rot_x(np.radians(25))
         out.append(Solid("pericardial fat", [Ellipsoid(heart_c, frame, (68 * s, 52 * s, 58 * s), shell=4.0)], -90.0, -90.0))
         out.append(Solid("heart", [Ellipsoid(heart_c, frame, (62 * s, 47 * s, 53 * s), shell=4.0)],
-                         45.0, 40.0 if not con else 180.0))
+                         45.0, enhanced(40.0, 180.0)))
     if t4 is not None:
         path, radii = [], []
         if t8 is not None:
@@ -411,7 +417,7 @@ def organ_solids(spine: SpineShape, cage, hip_centres, habitus: Habitus, rng) ->
             radii.append(((11 if n[0] == "T" else 9) * s,) * 2)
         if len(path) >= 2:
             out.append(Solid("aorta", tube(np.array(path), radii, [0, 0, 1.0], shell=1.2), 45.0,
-                             40.0 if not con else 220.0, partitioned=True))
+                             enhanced(40.0, 220.0), partitioned=True))
     # airway: pharynx and trachea in front of the cervical spine down to the carina
     c2, t5 = seg("C2"), seg("T5")
     if c2 is not None and t5 is not None:
