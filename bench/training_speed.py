@@ -51,7 +51,7 @@ def main() -> int:
     import torch
 
     from VertebraIDLib.network import build_network, resolve_device
-    from VertebraIDLib.training import load_config, render_blob_targets, weighted_l2
+    from VertebraIDLib.training import load_config, train_step
 
     config = load_config(args.config)
     # enough cases for the timed batches, whatever the configured epoch size
@@ -72,19 +72,10 @@ def main() -> int:
     network = build_network(config.network_config).to(device).train()
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.train.learning_rate)
     amp = device.type == "cuda" and config.train.amp
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp) if device.type == "cuda" else None
 
     def step(batch):
-        image, blobs = batch
-        image = image.to(device, non_blocking=True)
-        target = render_blob_targets(blobs.to(device), m.patch_size, m.heatmap_height)
-        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-            prediction = network(image)
-        loss = weighted_l2(prediction.float(), target, config.train.foreground_weight, m.heatmap_height)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        train_step(network, optimizer, scaler, *batch, config, device, amp)
         if device.type == "cuda":
             torch.cuda.synchronize()
 

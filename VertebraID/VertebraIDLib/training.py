@@ -698,6 +698,30 @@ def _learning_rate(config: TrainConfig, step: int, total: int, elapsed_s: float 
     return t.learning_rate * warm * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
 
 
+def train_step(model, optimizer, scaler, image, blobs, config: TrainConfig, device, amp: bool):
+    """One optimiser step on a batch from the loader (images and blob rows); returns the loss tensor."""
+    import torch
+
+    image = image.to(device, non_blocking=True)
+    target = render_blob_targets(blobs.to(device, non_blocking=True), config.model.patch_size,
+                                 config.model.heatmap_height)
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+        prediction = model(image)
+    loss = weighted_l2(prediction.float(), target, config.train.foreground_weight, config.model.heatmap_height)
+    if scaler is not None and amp:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+        optimizer.step()
+    return loss
+
+
 def _distributed(device_kind: str):
     """(rank, world, initialised_here) from torchrun's environment."""
     import torch.distributed as dist
@@ -794,27 +818,10 @@ def train(config: TrainConfig | PathLike, resume: bool = False, progress: Callab
                        disable=not (main and show_progress), leave=False)
             t0, seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
             for image, blobs in bar:
-                image = image.to(device, non_blocking=True)
-                target = render_blob_targets(blobs.to(device, non_blocking=True), config.model.patch_size,
-                                             config.model.heatmap_height)
                 lr = _learning_rate(config, step, total_steps, time.perf_counter() - run_start)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-                    prediction = model(image)
-                loss = weighted_l2(prediction.float(), target, config.train.foreground_weight,
-                                   config.model.heatmap_height)
-                if scaler is not None and amp:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
-                    optimizer.step()
+                loss = train_step(model, optimizer, scaler, image, blobs, config, device, amp)
                 step += 1
                 batches += 1
                 seen += image.shape[0]

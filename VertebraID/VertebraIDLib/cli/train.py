@@ -23,22 +23,20 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     from ..training import load_config, train, validate_config
 
     config = load_config(args.config)
     if args.device:
         config.device = args.device
     if args.output_dir:
-        from pathlib import Path
-
         config.output_dir = str(Path(args.output_dir).resolve())
     if args.epochs is not None:
         config.train.epochs = args.epochs
     if args.max_minutes is not None:
         config.train.max_minutes = args.max_minutes
     if args.init_from is not None:
-        from pathlib import Path
-
         config.train.init_from = str(Path(args.init_from).resolve()) if args.init_from else ""
     validate_config(config)
     result = train(config, resume=args.resume)
