@@ -3,7 +3,10 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 OUT ?= out
-EXAMPLE := VertebraID/Resources/Examples
+# The main job's default input: a synthetic CT (T1..S2, 2 mm) generated from a fixed seed that
+# no training, validation or test set uses; its true body centres are written beside it.
+EXAMPLE_SEED := 3000000
+EXAMPLE_CASE := example_$(EXAMPLE_SEED)
 
 .PHONY: setup run test bench clean
 
@@ -15,11 +18,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[slicer,train,test]'
 	touch $@
 
-# The main job: label the vertebrae of the bundled example activation maps, then score them.
+# The main job: the bundled model finds and labels the vertebrae of the example CT; then they are scored.
 run: setup
-	$(VENV)/bin/vertebraid locate $(EXAMPLE)/example_heatmaps.nii.gz \
-		-o $(OUT)/example.vertebrae.json --markups $(OUT)/example.mrk.json --picture $(OUT)/example.png
-	$(VENV)/bin/vertebraid evaluate --pred $(OUT)/example.vertebrae.json --gt $(EXAMPLE)/example_truth.vertebrae.json
+	$(VENV)/bin/vertebraid phantom --seed $(EXAMPLE_SEED) --prefix example_ --levels T1..S2 --spacing 2 \
+		--transitional none -q -o $(OUT)/input
+	$(VENV)/bin/vertebraid detect $(OUT)/input/$(EXAMPLE_CASE)_ct.nii.gz -o $(OUT) --overwrite
+	$(VENV)/bin/vertebraid evaluate --pred $(OUT)/$(EXAMPLE_CASE).vertebrae.json --gt $(OUT)/input/$(EXAMPLE_CASE).vertebrae.json
 
 test: setup
 	$(PY) -m pytest -q -n 2 Testing/Python

@@ -150,6 +150,7 @@ class Evidence:
     description: str
     sigma_mm: float | None = None  # the blobs' width when the source knows it
     level_specific: bool = True  # False: evidence names regions only, so the anchor weights are off
+    locate_settings: dict = field(default_factory=dict)  # LocateOptions fields the source sets (a model's α, floor...)
 
 
 class NetworkHeatmapSource:
@@ -190,7 +191,8 @@ class NetworkHeatmapSource:
 
         model = inference.load_model(self.model_path, self.device)
         heatmaps = inference.predict_heatmaps(ct, model, self.device, progress)
-        return Evidence(heatmaps, None, f"network model {self.model_path.name}", model.sigma_mm)
+        return Evidence(heatmaps, None, f"network model {self.model_path.name}", model.sigma_mm,
+                        locate_settings=model.locate_settings)
 
 
 class PointsHeatmapSource:
@@ -567,6 +569,8 @@ def _options_to_dict(options: LocateOptions) -> dict:
         "window_mm": options.window_mm,
         "threshold": options.threshold,
         "min_peak": options.min_peak,
+        "evidence_weight": options.evidence_weight,
+        "evidence_floor": options.evidence_floor,
     }
 
 
@@ -632,7 +636,8 @@ class VertebraIDLogic(ScriptedLoadableModuleLogic):
         t0 = time.perf_counter()
         if evidence.sigma_mm is not None:
             options = dataclasses.replace(options, sigma_mm=evidence.sigma_mm)
-        options = dataclasses.replace(options, weighted=options.weighted and evidence.level_specific)
+        options = dataclasses.replace(options, weighted=options.weighted and evidence.level_specific,
+                                      **evidence.locate_settings)
         result = pipeline.locate(evidence.heatmaps, options, combined=evidence.combined, progress=_scaled(progress, 0.5, 0.9))
         timings["pipeline"] = time.perf_counter() - t0
         if result.prepared.centerline is None or not result.vertebrae:

@@ -22,28 +22,58 @@ from VertebraIDLib.fileio import write_text_atomic
 from VertebraIDLib.inference import load_model, predict_heatmaps
 from VertebraIDLib.metrics import evaluate_case, summarize
 from VertebraIDLib.phantom import generate_phantom
-from VertebraIDLib.pipeline import METHODS, LocateOptions, prepare, solve
+from VertebraIDLib.optimize import EnergyParams
+from VertebraIDLib.pipeline import METHODS, LocateOptions, locate, prepare, solve
 from VertebraIDLib.qc import result_figure, save_figure
 from VertebraIDLib.training import level_peak_errors
 
+DEFAULT_ENERGY = EnergyParams()
 REALCT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "realct"
 
 
-def phantom_ablation(model, n: int, seed: int, log) -> str:
-    per_method = {m: [] for m in METHODS}
-    times, peak_errors = [], []
+def predicted_phantoms(model, n: int, seed: int):
+    """(seed, truth, maps, seconds) for phantoms seed..seed+n-1 (2.5 mm, all else drawn from the seed)."""
     for i in range(n):
         phantom = generate_phantom(seed + i, spacing=2.5)
         t0 = time.perf_counter()
         maps = predict_heatmaps(phantom.ct, model, "cpu")
-        prepared = prepare(maps, LocateOptions(sigma_mm=model.sigma_mm))
-        times.append(time.perf_counter() - t0)
-        peak_errors += level_peak_errors(maps, phantom.truth)
+        yield seed + i, phantom.truth, maps, time.perf_counter() - t0
+
+
+def confidence_outcomes(vertebrae, evaluation) -> list[tuple[float, bool]]:
+    """(confidence, identified) of every placed vertebra; a label the scan lacks counts as wrong."""
+    identified = {o.label for o in evaluation.outcomes if o.identified}
+    return [(float(v.confidence), v.label in identified) for v in vertebrae]
+
+
+def confidence_table(hits) -> str:
+    """Is the exact optimiser's per-vertebra confidence worth reading? Share right per band."""
+    lines = ["| exact: confidence | vertebrae placed | identified |", "|---|---|---|"]
+    for lo, hi in ((0.0, 0.5), (0.5, 0.9), (0.9, 1.01)):
+        band = [ok for c, ok in hits if lo <= c < hi]
+        share = f"{100 * np.mean(band):.1f} %" if band else "-"
+        lines.append(f"| {lo:g}–{min(hi, 1.0):g} | {len(band)} | {share} |")
+    return "\n".join(lines)
+
+
+def phantom_ablation(model, n: int, seed: int, log) -> str:
+    per_method = {m: [] for m in METHODS}
+    engine_default = []
+    times, peak_errors, confidence_hits = [], [], []
+    for case_seed, truth, maps, seconds in predicted_phantoms(model, n, seed):
+        t0 = time.perf_counter()
+        prepared = prepare(maps, LocateOptions(**model.locate_settings))
+        times.append(seconds + time.perf_counter() - t0)
+        peak_errors += level_peak_errors(maps, truth)
         for method in METHODS:
-            result = solve(prepared, LocateOptions(method=method, sigma_mm=model.sigma_mm))
-            per_method[method].append(evaluate_case(result.vertebrae, phantom.truth, name=f"phantom-{seed + i}"))
+            result = solve(prepared, LocateOptions(method=method, **model.locate_settings))
+            per_method[method].append(evaluate_case(result.vertebrae, truth, name=f"phantom-{case_seed}"))
+            if method == "exact":
+                confidence_hits += confidence_outcomes(result.vertebrae, per_method[method][-1])
+        default = locate(maps, LocateOptions(sigma_mm=model.sigma_mm))
+        engine_default.append(evaluate_case(default.vertebrae, truth, name=f"phantom-{case_seed}"))
         exact = per_method["exact"][-1]
-        log(f"phantom {seed + i}: {exact.num_identified}/{exact.num_gt} identified (exact)")
+        log(f"phantom {case_seed}: {exact.num_identified}/{exact.num_gt} identified (exact)")
     lines = [f"## {n} held-out phantoms (seeds {seed}..{seed + n - 1}), maps predicted by the model", ""]
     lines.append("| method | C | T | L | S | all | error (mm) | scans all correct |")
     lines.append("|---|---|---|---|---|---|---|---|")
@@ -58,9 +88,15 @@ def phantom_ablation(model, n: int, seed: int, log) -> str:
         err = "-" if a.error_mean_mm is None else f"{a.error_mean_mm:.2f} ± {a.error_std_mm:.2f}"
         lines.append(f"| {method} | {rate('C')} | {rate('T')} | {rate('L')} | {rate('S')} | {rate('all')} | {err} | "
                      f"{100 * summary.all_correct_rate:.1f} % |")
+    settings = ", ".join(f"{k} {v:g}" for k, v in model.locate_settings.items() if k != "sigma_mm") or "none"
+    default_rate = 100 * summarize(engine_default).regions["all"].id_rate
+    lines += ["", f"Optimiser settings from the model's metadata: {settings}; exact with the engine's defaults "
+              f"(α {DEFAULT_ENERGY.evidence_weight:g}, floor {DEFAULT_ENERGY.floor:g}, centreline threshold "
+              f"{LocateOptions().threshold:g}) instead: {default_rate:.1f} %."]
     within = 100 * float(np.mean(np.asarray(peak_errors) <= 10.0)) if peak_errors else float("nan")
     lines += ["", f"The network alone: a level's map peaks within 10 mm of its vertebra for {within:.1f} % of the "
               f"{len(peak_errors)} vertebrae (median distance {np.median(peak_errors):.0f} mm).",
+              "", confidence_table(confidence_hits),
               "", f"network + preparation per phantom: median {np.median(times):.1f} s", ""]
     return "\n".join(lines)
 
@@ -72,8 +108,7 @@ def real_scans(model, out_dir: Path, log) -> str:
             continue
         try:
             maps = predict_heatmaps(case.image, model, "cpu")
-            prepared = prepare(maps, LocateOptions(sigma_mm=model.sigma_mm))
-            result = solve(prepared, LocateOptions(sigma_mm=model.sigma_mm))
+            result = locate(maps, LocateOptions(**model.locate_settings))
         except VertebraIDError as exc:
             lines.append(f"{case.name}: {exc}")
             continue

@@ -106,9 +106,8 @@ def test_detect_command(tiny_model_path, phantom, tmp_path, capsys):
     assert "skipping 1" in capsys.readouterr().out
 
 
-def test_detect_without_a_model_says_so(tmp_path, phantom, capsys):
-    if net.bundled_model_path() is not None:
-        pytest.skip("a bundled model is installed")
+def test_detect_without_a_model_says_so(tmp_path, phantom, capsys, monkeypatch):
+    monkeypatch.setattr(net, "MODELS_DIR", tmp_path / "no-models")  # an installation without the model file
     write_phantom(phantom, tmp_path / "in", "c")
     assert main(["detect", str(tmp_path / "in" / "c_ct.nii.gz"), "-o", str(tmp_path / "out")]) == 2
     assert "No bundled model is installed yet" in capsys.readouterr().err

@@ -114,9 +114,8 @@ def test_devices():
             net.resolve_device("cuda")
 
 
-def test_no_bundled_model_is_a_clear_error():
-    if net.bundled_model_path() is not None:
-        pytest.skip("a bundled model is installed")
+def test_no_bundled_model_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(net, "MODELS_DIR", tmp_path)  # an installation without the model file
     with pytest.raises(VertebraIDError, match="No bundled model"):
         net.load_model(None, "cpu")
 

@@ -38,6 +38,9 @@ MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 BUNDLED_MODEL_NAME = "vertebraid.safetensors"
 
 PathLike = str | os.PathLike
+#: Keys of a model metadata's "engine" table -> the LocateOptions fields they set.
+ENGINE_SETTINGS = {"evidence_weight": "evidence_weight", "evidence_floor": "evidence_floor",
+                   "centreline_threshold": "threshold"}
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,21 @@ class Model:
     def heatmap_height(self) -> float:
         """Peak value of the training targets; outputs are divided by it (older models: 1)."""
         return float(self.metadata.get("heatmap_height", 1.0))
+
+    @property
+    def locate_settings(self) -> dict:
+        """LocateOptions fields for this model's maps: σ, and what its metadata's "engine" table sets.
+
+        A network's peaks need not reach the targets' height, nor be equally tall along the
+        spine; `bench/tune_engine.py` picks the optimiser's α and floor and the centreline's
+        threshold on validation phantoms and stores them there.
+        """
+        engine = self.metadata.get("engine") or {}
+        settings = {"sigma_mm": self.sigma_mm}
+        for key, field_name in ENGINE_SETTINGS.items():
+            if engine.get(key) is not None:
+                settings[field_name] = engine[key]
+        return settings
 
     @property
     def hu_window(self) -> tuple[float, float]:

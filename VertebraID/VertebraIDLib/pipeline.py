@@ -9,6 +9,7 @@ them without recomputing.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -39,10 +40,32 @@ class LocateOptions:
     threshold: float = 0.5  # centreline: voxels above this fraction of Ĝ's peak
     min_peak: float = 0.05  # Ĝ peak below this (absolute) means "no spine"
     sigma_mm: float | None = None  # blob width of the maps; estimated from them when None
+    # The energy's α and floor f (optimize.EnergyParams) when the maps need their own: a model's
+    # metadata sets them for its outputs' height. None: the engine's defaults.
+    evidence_weight: float | None = None
+    evidence_floor: float | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise VertebraIDError(f"Unknown method '{self.method}'; choose one of {', '.join(METHODS)}.")
+        if not (isinstance(self.threshold, (int, float)) and 0.0 < self.threshold < 1.0):
+            raise VertebraIDError(f"The centreline threshold must be a fraction between 0 and 1, got {self.threshold!r}.")
+        for name in ("evidence_weight", "evidence_floor"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value < 0):
+                raise VertebraIDError(f"The optimiser setting {name} must be a non-negative number, got {value!r}.")
+
+    def energy_params(self, base=None):
+        """`base` (default: the engine's EnergyParams) with this run's α and floor."""
+        from .optimize import EnergyParams
+
+        params = base or EnergyParams()
+        if self.evidence_weight is not None:
+            params = replace(params, evidence_weight=float(self.evidence_weight))
+        if self.evidence_floor is not None:
+            params = replace(params, floor=float(self.evidence_floor))
+        return params
 
     @property
     def labels(self) -> LabelSet:
@@ -151,7 +174,7 @@ def solve(
     """Label the vertebrae from the 1-D signals with the chosen method; back to 3-D."""
     from . import optimize as opt
 
-    params = energy_params or opt.EnergyParams()
+    params = options.energy_params(energy_params)
     constraints = constraints or []
     if constraints and options.method != "exact":
         raise VertebraIDError("Fixed points (re-labelling) need the exact method.")

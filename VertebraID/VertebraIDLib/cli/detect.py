@@ -112,7 +112,7 @@ def detect_case(ct_path: Path, case: str, model, args, out_dir: Path) -> str:
     heatmaps = predict_heatmaps(ct, model, args.device)
     timings["network"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    options = replace(locate_options(args), sigma_mm=model.sigma_mm)
+    options = replace(locate_options(args), **model.locate_settings)
     result = locate(heatmaps, options)
     timings["pipeline"] = time.perf_counter() - t0
     if args.save_heatmaps:

@@ -1,0 +1,90 @@
+"""Pick the engine's settings for a model's maps on validation phantoms; optionally store them.
+
+    python bench/tune_engine.py --model M [--phantoms 24] [--seed 1000000] [--write]
+
+The engine's defaults (centreline through Ĝ above 0.5 of its peak; α 20, floor 0.1) suit maps
+whose peaks reach the targets' height everywhere. A network that is less sure of itself peaks
+lower, and unevenly: the centreline then stops where Ĝ drops below half its peak, and the
+spacing prior and the floor outweigh the evidence, so the exact optimiser places too few
+vertebrae. This runs the model once on validation phantoms (training's validation seeds, never
+the held-out test seeds of `network_eval.py`), labels them with the exact optimiser for every
+(threshold, α, floor) on a grid, and prints the identification rates. `--write` stores the best
+in the model's metadata ("engine" table; the weights and their checksum are untouched), where
+`detect`, the Slicer module and `network_eval.py` read it.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+from network_eval import predicted_phantoms
+from VertebraIDLib.fileio import write_json_atomic, write_text_atomic
+from VertebraIDLib.inference import load_model
+from VertebraIDLib.metrics import evaluate_case, summarize
+from VertebraIDLib.network import model_paths
+from VertebraIDLib.optimize import EnergyParams
+from VertebraIDLib.pipeline import LocateOptions, prepare, solve
+
+THRESHOLDS = (0.5, 0.2, 0.1, 0.05)
+WEIGHTS = (20.0, 80.0, 320.0, 1280.0, 5120.0)
+FLOORS = (0.1, 0.02, 0.0)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--phantoms", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=1_000_000, help="first validation seed (default: training's)")
+    parser.add_argument("--write", action="store_true", help="store the best pair in the model's .json")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/network/tune_engine.md"))
+    args = parser.parse_args(argv)
+    model = load_model(args.model, "cpu")
+    cases = []  # (truth, {threshold: prepared}); the maps themselves are not kept
+    for case_seed, truth, maps, seconds in predicted_phantoms(model, args.phantoms, args.seed):
+        cases.append((truth, {t: prepare(maps, LocateOptions(sigma_mm=model.sigma_mm, threshold=t)) for t in THRESHOLDS}))
+        print(f"phantom {case_seed}: maps in {seconds:.1f} s", flush=True)
+
+    rates = {}
+    for threshold, weight, floor in itertools.product(THRESHOLDS, WEIGHTS, FLOORS):
+        options = LocateOptions(sigma_mm=model.sigma_mm, threshold=threshold, evidence_weight=weight, evidence_floor=floor)
+        evaluations = [evaluate_case(solve(p[threshold], options).vertebrae, t) for t, p in cases]
+        rates[(threshold, weight, floor)] = summarize(evaluations).regions["all"].id_rate
+    energy = EnergyParams()
+    default = (LocateOptions().threshold, energy.evidence_weight, energy.floor)
+    # the best rate; among equals, the first in the grid's order (nearest the engine's defaults)
+    best = max(rates, key=lambda k: round(rates[k], 6))
+
+    lines = [f"## Engine settings for {Path(args.model).name}: {args.phantoms} validation phantoms "
+             f"(seeds {args.seed}..{args.seed + args.phantoms - 1}), exact optimiser, identification %"]
+    for threshold in THRESHOLDS:
+        lines += ["", f"centreline threshold {threshold:g} (fraction of Ĝ's peak):", "",
+                  "| α \\ floor | " + " | ".join(f"{f:g}" for f in FLOORS) + " |", "|---" * (len(FLOORS) + 1) + "|"]
+        for weight in WEIGHTS:
+            lines.append(f"| {weight:g} | " + " | ".join(f"{100 * rates[(threshold, weight, f)]:.1f}" for f in FLOORS) + " |")
+    lines += ["", f"best: threshold {best[0]:g}, α {best[1]:g}, floor {best[2]:g} ({100 * rates[best]:.1f} %); "
+              f"engine defaults threshold {default[0]:g}, α {default[1]:g}, floor {default[2]:g} ({100 * rates[default]:.1f} %)"]
+    report = "\n".join(lines)
+    print(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(args.out, report + "\n")
+    if args.write:
+        _, meta_path = model_paths(args.model)
+        meta = json.loads(meta_path.read_text())
+        meta["engine"] = {
+            "centreline_threshold": best[0],
+            "evidence_weight": best[1],
+            "evidence_floor": best[2],
+            "tuned_on": f"{args.phantoms} validation phantoms, seeds {args.seed}..{args.seed + args.phantoms - 1} "
+                        "(bench/tune_engine.py)",
+            "validation_id_rate": round(rates[best], 4),
+            "validation_id_rate_engine_defaults": round(rates[default], 4),
+        }
+        write_json_atomic(meta_path, meta)
+        print(f"stored in {meta_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
