@@ -191,8 +191,10 @@ class NetworkHeatmapSource:
 
         model = inference.load_model(self.model_path, self.device)
         heatmaps = inference.predict_heatmaps(ct, model, self.device, progress)
-        return Evidence(heatmaps, None, f"network model {self.model_path.name}", model.sigma_mm,
-                        locate_settings=model.locate_settings)
+        description = f"network model {self.model_path.name}"
+        if model.metadata.get("status"):  # e.g. a research preview: the user sees it beside the labels
+            description += f" ({model.metadata['status']})"
+        return Evidence(heatmaps, None, description, model.sigma_mm, locate_settings=model.locate_settings)
 
 
 class PointsHeatmapSource:
@@ -466,10 +468,10 @@ class VertebraIDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self.ui.statusLabel.text = "Cancelled; nothing was added to the scene."
                     return
                 p.resultPoints = run.nodes[mrml.ROLE_POINTS]
+                found = run.result.vertebrae
+                span = f" ({found[0].label}-{found[-1].label})" if found else ""
                 self.ui.statusLabel.text = (
-                    f"Found {len(run.result.vertebrae)} vertebrae "
-                    f"({run.result.vertebrae[0].label}-{run.result.vertebrae[-1].label}) "
-                    f"in {sum(run.timings_s.values()):.1f} s."
+                    f"Found {len(found)} vertebrae{span} in {sum(run.timings_s.values()):.1f} s from the {run.evidence}."
                 )
                 slicer.util.setSliceViewerLayers(
                     background=p.inputVolume, foreground=run.nodes[mrml.ROLE_COMBINED], foregroundOpacity=0.4
@@ -561,17 +563,8 @@ def _report(progress: ProgressCallback | None, fraction: float, message: str) ->
 
 
 def _options_to_dict(options: LocateOptions) -> dict:
-    return {
-        "method": options.method,
-        "weighted": options.weighted,
-        "transitional": options.transitional,
-        "step_mm": options.step_mm,
-        "window_mm": options.window_mm,
-        "threshold": options.threshold,
-        "min_peak": options.min_peak,
-        "evidence_weight": options.evidence_weight,
-        "evidence_floor": options.evidence_floor,
-    }
+    """Every setting of the run (the model's σ and optimiser settings included), so re-labelling repeats it."""
+    return dataclasses.asdict(options)
 
 
 class VertebraIDLogic(ScriptedLoadableModuleLogic):

@@ -8,8 +8,10 @@ lower, and unevenly: the centreline then stops where Ĝ drops below half its pea
 spacing prior and the floor outweigh the evidence, so the exact optimiser places too few
 vertebrae. This runs the model once on validation phantoms (training's validation seeds, never
 the held-out test seeds of `network_eval.py`), labels them with the exact optimiser for every
-(threshold, α, floor) on a grid, and prints the identification rates. `--write` stores the best
-in the model's metadata ("engine" table; the weights and their checksum are untouched), where
+(threshold, α, floor) on a grid, and prints the identification rates. With the best of them it
+then picks the confidences' temperature that makes them honest: the lowest Brier score (mean
+squared gap between a vertebra's confidence and whether it was identified). `--write` stores the
+settings in the model's metadata ("engine" table; the weights and their checksum are untouched), where
 `detect`, the Slicer module and `network_eval.py` read it.
 """
 from __future__ import annotations
@@ -19,7 +21,8 @@ import itertools
 import json
 from pathlib import Path
 
-from network_eval import predicted_phantoms
+import numpy as np
+from network_eval import confidence_outcomes, confidence_table, predicted_phantoms
 from VertebraIDLib.fileio import write_json_atomic, write_text_atomic
 from VertebraIDLib.inference import load_model
 from VertebraIDLib.metrics import evaluate_case, summarize
@@ -30,6 +33,7 @@ from VertebraIDLib.pipeline import LocateOptions, prepare, solve
 THRESHOLDS = (0.5, 0.2, 0.1, 0.05)
 WEIGHTS = (20.0, 80.0, 320.0, 1280.0, 5120.0)
 FLOORS = (0.1, 0.02, 0.0)
+TEMPERATURES = (2.0, 8.0, 32.0, 128.0, 512.0)
 
 
 def main(argv=None) -> int:
@@ -56,6 +60,19 @@ def main(argv=None) -> int:
     # the best rate; among equals, the first in the grid's order (nearest the engine's defaults)
     best = max(rates, key=lambda k: round(rates[k], 6))
 
+    temperature_rows, hits_at = [], {}
+    for temperature in TEMPERATURES:
+        options = LocateOptions(sigma_mm=model.sigma_mm, threshold=best[0], evidence_weight=best[1],
+                                evidence_floor=best[2], confidence_temperature=temperature)
+        hits = []
+        for truth, prepared in cases:
+            vertebrae = solve(prepared[best[0]], options).vertebrae
+            hits += confidence_outcomes(vertebrae, evaluate_case(vertebrae, truth))
+        confidence, identified = np.array([h[0] for h in hits]), np.array([h[1] for h in hits], float)
+        hits_at[temperature] = hits
+        temperature_rows.append((temperature, float(np.mean((confidence - identified) ** 2)), float(np.mean(confidence))))
+    best_temperature = min(temperature_rows, key=lambda row: row[1])[0]
+
     lines = [f"## Engine settings for {Path(args.model).name}: {args.phantoms} validation phantoms "
              f"(seeds {args.seed}..{args.seed + args.phantoms - 1}), exact optimiser, identification %"]
     for threshold in THRESHOLDS:
@@ -65,6 +82,11 @@ def main(argv=None) -> int:
             lines.append(f"| {weight:g} | " + " | ".join(f"{100 * rates[(threshold, weight, f)]:.1f}" for f in FLOORS) + " |")
     lines += ["", f"best: threshold {best[0]:g}, α {best[1]:g}, floor {best[2]:g} ({100 * rates[best]:.1f} %); "
               f"engine defaults threshold {default[0]:g}, α {default[1]:g}, floor {default[2]:g} ({100 * rates[default]:.1f} %)"]
+    lines += ["", f"Confidence temperature with these settings (share identified: "
+              f"{100 * np.mean([ok for _, ok in hits_at[best_temperature]]):.1f} % of the vertebrae placed):", "",
+              "| temperature | Brier score | mean confidence |", "|---|---|---|"]
+    lines += [f"| {t:g} | {brier:.3f} | {mean:.3f} |" for t, brier, mean in temperature_rows]
+    lines += ["", f"best: temperature {best_temperature:g}", "", confidence_table(hits_at[best_temperature])]
     report = "\n".join(lines)
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -76,6 +98,7 @@ def main(argv=None) -> int:
             "centreline_threshold": best[0],
             "evidence_weight": best[1],
             "evidence_floor": best[2],
+            "confidence_temperature": best_temperature,
             "tuned_on": f"{args.phantoms} validation phantoms, seeds {args.seed}..{args.seed + args.phantoms - 1} "
                         "(bench/tune_engine.py)",
             "validation_id_rate": round(rates[best], 4),

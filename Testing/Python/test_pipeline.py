@@ -96,3 +96,19 @@ def test_progress_can_cancel():
     with pytest.raises(Cancelled):
         locate(case.heatmaps, progress=progress)
     assert seen and max(seen) < 0.7
+
+
+@pytest.mark.parametrize("setting", [{"threshold": 0.0}, {"threshold": 1.2}, {"evidence_weight": -1.0},
+                                     {"evidence_floor": float("nan")}, {"confidence_temperature": 0.0},
+                                     {"evidence_weight": True}])
+def test_out_of_range_optimiser_settings_are_refused(setting):
+    with pytest.raises(VertebraIDError):
+        LocateOptions(**setting)
+
+
+def test_a_higher_temperature_makes_confidences_less_certain_not_the_labels_different():
+    prepared = prepare(simulate_case(11, spacing_mm=3.0, difficulty="hard").heatmaps, LocateOptions())
+    sharp = solve(prepared, LocateOptions(confidence_temperature=1.0)).vertebrae
+    soft = solve(prepared, LocateOptions(confidence_temperature=50.0)).vertebrae
+    assert [v.label for v in sharp] == [v.label for v in soft] and sharp
+    assert np.mean([v.confidence for v in soft]) < np.mean([v.confidence for v in sharp])

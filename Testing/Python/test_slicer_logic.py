@@ -462,6 +462,7 @@ def test_bad_input_and_cancel_leave_the_scene_as_it_was(scene_with_ct, monkeypat
     assert unchanged()
 
     # The network: a clear sentence whatever is missing (packages, model file, inference).
+    monkeypatch.setattr(VID.NetworkHeatmapSource, "_bundled_model", staticmethod(lambda: None))  # an install without it
     with pytest.raises(VertebraIDError) as missing_model:
         logic.detect(ct_node, VID.NetworkHeatmapSource(None))
     assert any(word in str(missing_model.value) for word in ("model file", "not installed", "no network inference"))
@@ -508,6 +509,24 @@ def test_relabel_needs_a_run_and_the_exact_solver_options_are_kept(scene_with_ct
     report = logic.relabel(run.nodes[mrml.ROLE_POINTS])  # no edits: the exact solver, no constraints
     assert report.constraints == [] and report.result.method == "exact"
     assert logic.run_info(run.folder)["relabelled"]["constraints"] == []
+
+
+def test_the_bundled_network_detects_and_relabelling_keeps_its_settings(scene_with_ct):
+    """Detect with the default (bundled) model; re-labelling without edits repeats the same chain."""
+    pytest.importorskip("torch")
+    from VertebraIDLib.network import bundled_model_path, load_model
+
+    context, ct_node, _ = scene_with_ct
+    logic = VID.VertebraIDLogic(context)
+    run = logic.detect(ct_node, VID.NetworkHeatmapSource(None, device="cpu"))
+    model = load_model(bundled_model_path(), "cpu")
+    assert "vertebraid.safetensors" in run.evidence and model.metadata["status"] in run.evidence
+    stored = logic.run_info(run.folder)["options"]
+    assert {key: stored[key] for key in model.locate_settings} == model.locate_settings
+    detected = [v.label for v in run.result.vertebrae]
+    assert detected
+    report = logic.relabel(run.nodes[mrml.ROLE_POINTS])
+    assert [v.label for v in report.result.vertebrae] == detected and report.changed == 0
 
 
 def test_points_source_reads_files(tmp_path, spine):

@@ -40,7 +40,7 @@ BUNDLED_MODEL_NAME = "vertebraid.safetensors"
 PathLike = str | os.PathLike
 #: Keys of a model metadata's "engine" table -> the LocateOptions fields they set.
 ENGINE_SETTINGS = {"evidence_weight": "evidence_weight", "evidence_floor": "evidence_floor",
-                   "centreline_threshold": "threshold"}
+                   "centreline_threshold": "threshold", "confidence_temperature": "confidence_temperature"}
 
 
 @dataclass(frozen=True)

@@ -44,20 +44,24 @@ class LocateOptions:
     # metadata sets them for its outputs' height. None: the engine's defaults.
     evidence_weight: float | None = None
     evidence_floor: float | None = None
+    # Gibbs temperature of the confidences; it scales with α, so a model with its own α brings its own.
+    confidence_temperature: float | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise VertebraIDError(f"Unknown method '{self.method}'; choose one of {', '.join(METHODS)}.")
         if not (isinstance(self.threshold, (int, float)) and 0.0 < self.threshold < 1.0):
             raise VertebraIDError(f"The centreline threshold must be a fraction between 0 and 1, got {self.threshold!r}.")
-        for name in ("evidence_weight", "evidence_floor"):
+        for name in ("evidence_weight", "evidence_floor", "confidence_temperature"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value) or value < 0):
                 raise VertebraIDError(f"The optimiser setting {name} must be a non-negative number, got {value!r}.")
+        if self.confidence_temperature == 0:
+            raise VertebraIDError("The optimiser setting confidence_temperature must be above 0.")
 
     def energy_params(self, base=None):
-        """`base` (default: the engine's EnergyParams) with this run's α and floor."""
+        """`base` (default: the engine's EnergyParams) with this run's α, floor and temperature."""
         from .optimize import EnergyParams
 
         params = base or EnergyParams()
@@ -65,6 +69,8 @@ class LocateOptions:
             params = replace(params, evidence_weight=float(self.evidence_weight))
         if self.evidence_floor is not None:
             params = replace(params, floor=float(self.evidence_floor))
+        if self.confidence_temperature is not None:
+            params = replace(params, temperature=float(self.confidence_temperature))
         return params
 
     @property

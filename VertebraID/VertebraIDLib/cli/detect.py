@@ -146,6 +146,8 @@ def run(args) -> int:
     cases = find_inputs(args.inputs)
     model_path = Path(args.model) if args.model else default_model_path()
     model = load_model(model_path, args.device)
+    if model.metadata.get("status"):  # e.g. a research preview: say so before any label is read
+        print(f"model {model_path.name}: {model.metadata['status']}")
     todo = [(n, p) for n, p in cases if args.overwrite or not output_paths(out_dir, n)["vertebrae"].exists()]
     skipped = len(cases) - len(todo)
     if skipped:
