@@ -112,3 +112,14 @@ def test_detect_without_a_model_says_so(tmp_path, phantom, capsys, monkeypatch):
     assert main(["detect", str(tmp_path / "in" / "c_ct.nii.gz"), "-o", str(tmp_path / "out")]) == 2
     assert "No bundled model is installed yet" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_cases_are_named_after_their_folder_when_the_series_folder_is_generic(tmp_path):
+    from VertebraIDLib.cli.detect import find_inputs
+
+    for folder in ("chest/dicom", "abdomen/DICOM", "knee/series7"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "slice1.dcm").write_bytes(b"")
+    (tmp_path / "spine_ct.nii.gz").write_bytes(b"")
+    names = {name for name, _ in find_inputs([tmp_path])}
+    assert names == {"chest", "abdomen", "series7", "spine"}

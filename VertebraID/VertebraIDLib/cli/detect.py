@@ -41,11 +41,16 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+# DICOM folders named like this say nothing about the case: theirs is the parent folder's name.
+GENERIC_FOLDER_NAMES = {"dicom", "ct", "series", "image", "images", "img", "scan", "data"}
+
+
 def _case_name(path: Path) -> str:
     from ..datasets import case_stem
 
     if path.is_dir():
-        return path.name
+        generic = path.name.lower() in GENERIC_FOLDER_NAMES or path.name.isdigit()
+        return path.resolve().parent.name if generic and path.resolve().parent.name else path.name
     return case_stem(path) or path.parent.name
 
 
@@ -134,7 +139,8 @@ def detect_case(ct_path: Path, case: str, model, args, out_dir: Path) -> str:
         timings_s={k: round(v, 3) for k, v in {**timings, **result.timings_s}.items()},
     )
     labels = " ".join(v.label for v in result.vertebrae) or "none (no spine found)"
-    return f"{case}: {len(result.vertebrae)} vertebrae ({labels})"
+    count = len(result.vertebrae)
+    return f"{case}: {count} {'vertebra' if count == 1 else 'vertebrae'} ({labels})"
 
 
 def run(args) -> int:
