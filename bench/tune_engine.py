@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--phantoms", type=int, default=24)
     parser.add_argument("--seed", type=int, default=1_000_000, help="first validation seed (default: training's)")
-    parser.add_argument("--write", action="store_true", help="store the best pair in the model's .json")
+    parser.add_argument("--write", action="store_true", help="store the chosen settings in the model's .json")
     parser.add_argument("--out", type=Path, default=Path("bench/results/network/tune_engine.md"))
     args = parser.parse_args(argv)
     model = load_model(args.model, "cpu")

@@ -64,14 +64,9 @@ class LocateOptions:
         """`base` (default: the engine's EnergyParams) with this run's α, floor and temperature."""
         from .optimize import EnergyParams
 
-        params = base or EnergyParams()
-        if self.evidence_weight is not None:
-            params = replace(params, evidence_weight=float(self.evidence_weight))
-        if self.evidence_floor is not None:
-            params = replace(params, floor=float(self.evidence_floor))
-        if self.confidence_temperature is not None:
-            params = replace(params, temperature=float(self.confidence_temperature))
-        return params
+        own = {"evidence_weight": self.evidence_weight, "floor": self.evidence_floor,
+               "temperature": self.confidence_temperature}
+        return replace(base or EnergyParams(), **{k: float(v) for k, v in own.items() if v is not None})
 
     @property
     def labels(self) -> LabelSet:

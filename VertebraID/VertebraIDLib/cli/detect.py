@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from ..errors import VertebraIDError
@@ -49,8 +48,9 @@ def _case_name(path: Path) -> str:
     from ..datasets import case_stem
 
     if path.is_dir():
+        parent = path.resolve().parent.name
         generic = path.name.lower() in GENERIC_FOLDER_NAMES or path.name.isdigit()
-        return path.resolve().parent.name if generic and path.resolve().parent.name else path.name
+        return parent if generic and parent else path.name
     return case_stem(path) or path.parent.name
 
 
@@ -117,7 +117,7 @@ def detect_case(ct_path: Path, case: str, model, args, out_dir: Path) -> str:
     heatmaps = predict_heatmaps(ct, model, args.device)
     timings["network"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    options = replace(locate_options(args), **model.locate_settings)
+    options = locate_options(args, **model.locate_settings)
     result = locate(heatmaps, options)
     timings["pipeline"] = time.perf_counter() - t0
     if args.save_heatmaps:
