@@ -627,10 +627,9 @@ class VertebraIDLogic(ScriptedLoadableModuleLogic):
         timings["activation_maps"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        if evidence.sigma_mm is not None:
-            options = dataclasses.replace(options, sigma_mm=evidence.sigma_mm)
-        options = dataclasses.replace(options, weighted=options.weighted and evidence.level_specific,
-                                      **evidence.locate_settings)
+        settings = {"sigma_mm": evidence.sigma_mm} if evidence.sigma_mm is not None else {}
+        settings.update(evidence.locate_settings)  # a model's own settings (σ included) win
+        options = dataclasses.replace(options, weighted=options.weighted and evidence.level_specific, **settings)
         result = pipeline.locate(evidence.heatmaps, options, combined=evidence.combined, progress=_scaled(progress, 0.5, 0.9))
         timings["pipeline"] = time.perf_counter() - t0
         if result.prepared.centerline is None or not result.vertebrae:

@@ -108,9 +108,10 @@ def test_detect_command(tiny_model_path, phantom, tmp_path, capsys):
 
 def test_detect_without_a_model_says_so(tmp_path, phantom, capsys, monkeypatch):
     monkeypatch.setattr(net, "MODELS_DIR", tmp_path / "no-models")  # an installation without the model file
+    monkeypatch.setattr(net, "INSTALLED_MODELS_DIR", tmp_path / "no-models")
     write_phantom(phantom, tmp_path / "in", "c")
     assert main(["detect", str(tmp_path / "in" / "c_ct.nii.gz"), "-o", str(tmp_path / "out")]) == 2
-    assert "No bundled model is installed yet" in capsys.readouterr().err
+    assert "No bundled model is installed" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -116,8 +116,30 @@ def test_devices():
 
 def test_no_bundled_model_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(net, "MODELS_DIR", tmp_path)  # an installation without the model file
+    monkeypatch.setattr(net, "INSTALLED_MODELS_DIR", tmp_path)
     with pytest.raises(VertebraIDError, match="No bundled model"):
         net.load_model(None, "cpu")
+
+
+def test_a_wheel_installation_finds_the_bundled_model_in_its_data_folder(tmp_path, monkeypatch):
+    installed = tmp_path / "share" / "vertebraid" / "models"
+    installed.mkdir(parents=True)
+    (installed / net.BUNDLED_MODEL_NAME).write_bytes(b"weights")
+    monkeypatch.setattr(net, "MODELS_DIR", tmp_path / "no-source-tree")
+    monkeypatch.setattr(net, "INSTALLED_MODELS_DIR", installed)
+    assert net.default_model_path() == installed / net.BUNDLED_MODEL_NAME
+
+
+def test_the_wheel_ships_the_bundled_model_files():
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    data_files = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    shipped = data_files["share/vertebraid/models"]
+    assert f"VertebraID/Resources/Models/{net.BUNDLED_MODEL_NAME}" in shipped
+    assert all((root / f).is_file() for f in shipped), shipped
+    assert net.INSTALLED_MODELS_DIR.parts[-3:] == ("share", "vertebraid", "models")
 
 
 def test_config_errors():

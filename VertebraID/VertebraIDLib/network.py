@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,8 +34,10 @@ from .fileio import atomic_path, write_json_atomic
 MODEL_FORMAT = "vertebraid-heatmap-model"
 MODEL_FORMAT_VERSION = 1
 NETWORK_KINDS = ("dynunet", "basicunet")
-#: Where the bundled model lives (the default of `vertebraid detect` and the Slicer module).
+#: Where the bundled model lives (the default of `vertebraid detect` and the Slicer module): in the
+#: source tree and the Slicer extension, and where a wheel (`pip install .`) puts it (pyproject's data-files).
 MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+INSTALLED_MODELS_DIR = Path(sys.prefix) / "share" / "vertebraid" / "models"
 BUNDLED_MODEL_NAME = "vertebraid.safetensors"
 
 PathLike = str | os.PathLike
@@ -195,8 +198,10 @@ def model_paths(path: PathLike) -> tuple[Path, Path]:
 
 
 def bundled_model_path() -> Path | None:
-    p = MODELS_DIR / BUNDLED_MODEL_NAME
-    return p if p.is_file() else None
+    for folder in (MODELS_DIR, INSTALLED_MODELS_DIR):
+        if (folder / BUNDLED_MODEL_NAME).is_file():
+            return folder / BUNDLED_MODEL_NAME
+    return None
 
 
 def default_model_path() -> Path:
@@ -204,7 +209,7 @@ def default_model_path() -> Path:
     p = bundled_model_path()
     if p is None:
         raise VertebraIDError(
-            f"No bundled model is installed yet ({MODELS_DIR} holds no {BUNDLED_MODEL_NAME}); "
+            f"No bundled model is installed ({MODELS_DIR} and {INSTALLED_MODELS_DIR} hold no {BUNDLED_MODEL_NAME}); "
             "give a model with --model (train one with `vertebraid train CONFIG`)."
         )
     return p
