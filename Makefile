@@ -8,7 +8,7 @@ OUT ?= out
 EXAMPLE_SEED := 3000000
 EXAMPLE_CASE := example_$(EXAMPLE_SEED)
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench gpu-wheels clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,11 @@ bench: setup
 	$(PY) bench/ablation.py --cases 200 --seed 0 --workers 2
 	$(PY) bench/vid_label_points.py --workers 2
 	$(PY) bench/timing.py
+
+# Wheels a lent GPU machine (PyTorch, no package index) needs to train: carry .wheels there and
+# run VertebraIDTrain/scripts/train_on_gpu_machine.sh (see the model card).
+gpu-wheels: setup
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: -d .wheels monai==1.6.1 nibabel==5.4.2
 
 clean:
 	rm -rf $(OUT) .pytest_cache
