@@ -9,7 +9,9 @@ spacing prior and the floor outweigh the evidence, so the exact optimiser places
 vertebrae. This runs the model once on validation phantoms (training's validation seeds, never
 the held-out test seeds of `network_eval.py`), labels them with the exact optimiser for every
 (threshold, α, floor) on a grid, and prints the identification rates. With the best of them it
-then picks the confidences' temperature that makes them honest: the lowest Brier score (mean
+picks the shortest gap a chain may take between consecutive centres (a fraction of the level's
+typical gap: maps that ripple between vertebrae otherwise get two labels per body), then the
+confidences' temperature that makes them honest: the lowest Brier score (mean
 squared gap between a vertebra's confidence and whether it was identified). `--write` stores the
 settings in the model's metadata ("engine" table; the weights and their checksum are untouched), where
 `detect`, the Slicer module and `network_eval.py` read it.
@@ -33,6 +35,7 @@ from VertebraIDLib.pipeline import LocateOptions, prepare, solve
 THRESHOLDS = (0.5, 0.2, 0.1, 0.05)
 WEIGHTS = (20.0, 80.0, 320.0, 1280.0, 5120.0)
 FLOORS = (0.1, 0.02, 0.0)
+GAP_FRACTIONS = (0.5, 0.6, 0.7, 0.8)  # shortest gap / the level's typical gap (engine default first)
 TEMPERATURES = (2.0, 8.0, 32.0, 128.0, 512.0)
 
 
@@ -60,10 +63,20 @@ def main(argv=None) -> int:
     # the best rate; among equals, the first in the grid's order (nearest the engine's defaults)
     best = max(rates, key=lambda k: round(rates[k], 6))
 
+    # then, with those, the shortest gap a chain may take (a network's maps can ripple between
+    # vertebrae, and a chain then packs two labels onto one body)
+    gap_rates = {}
+    for fraction in GAP_FRACTIONS:
+        options = LocateOptions(sigma_mm=model.sigma_mm, threshold=best[0], evidence_weight=best[1],
+                                evidence_floor=best[2], gap_fraction_min=fraction)
+        evaluations = [evaluate_case(solve(p[best[0]], options).vertebrae, t) for t, p in cases]
+        gap_rates[fraction] = summarize(evaluations).regions["all"].id_rate
+    best_gap = max(gap_rates, key=lambda k: round(gap_rates[k], 6))
+
     temperature_rows, hits_at = [], {}
     for temperature in TEMPERATURES:
         options = LocateOptions(sigma_mm=model.sigma_mm, threshold=best[0], evidence_weight=best[1],
-                                evidence_floor=best[2], confidence_temperature=temperature)
+                                evidence_floor=best[2], gap_fraction_min=best_gap, confidence_temperature=temperature)
         hits = []
         for truth, prepared in cases:
             vertebrae = solve(prepared[best[0]], options).vertebrae
@@ -82,6 +95,10 @@ def main(argv=None) -> int:
             lines.append(f"| {weight:g} | " + " | ".join(f"{100 * rates[(threshold, weight, f)]:.1f}" for f in FLOORS) + " |")
     lines += ["", f"best: threshold {best[0]:g}, α {best[1]:g}, floor {best[2]:g} ({100 * rates[best]:.1f} %); "
               f"engine defaults threshold {default[0]:g}, α {default[1]:g}, floor {default[2]:g} ({100 * rates[default]:.1f} %)"]
+    lines += ["", "With these, the shortest gap between consecutive centres (fraction of the level's typical gap):", "",
+              "| gap fraction | " + " | ".join(f"{f:g}" for f in GAP_FRACTIONS) + " |", "|---" * (len(GAP_FRACTIONS) + 1) + "|",
+              "| identification % | " + " | ".join(f"{100 * gap_rates[f]:.1f}" for f in GAP_FRACTIONS) + " |",
+              "", f"best: gap fraction {best_gap:g} ({100 * gap_rates[best_gap]:.1f} %)"]
     lines += ["", f"Confidence temperature with these settings (share identified: "
               f"{100 * np.mean([ok for _, ok in hits_at[best_temperature]]):.1f} % of the vertebrae placed):", "",
               "| temperature | Brier score | mean confidence |", "|---|---|---|"]
@@ -98,10 +115,11 @@ def main(argv=None) -> int:
             "centreline_threshold": best[0],
             "evidence_weight": best[1],
             "evidence_floor": best[2],
+            "gap_fraction_min": best_gap,
             "confidence_temperature": best_temperature,
             "tuned_on": f"{args.phantoms} validation phantoms, seeds {args.seed}..{args.seed + args.phantoms - 1} "
                         "(bench/tune_engine.py)",
-            "validation_id_rate": round(rates[best], 4),
+            "validation_id_rate": round(gap_rates[best_gap], 4),
             "validation_id_rate_engine_defaults": round(rates[default], 4),
         }
         write_json_atomic(meta_path, meta)

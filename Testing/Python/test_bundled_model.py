@@ -39,13 +39,13 @@ def test_engine_settings_of_a_model_reach_the_options(tmp_path):
     config = net.NetworkConfig(channels=(4, 8, 16))
     meta = net.make_metadata(config, spacing_mm=8.0, patch_size=32, sigma_mm=10.0, hu_window=(-250, 1250))
     meta["engine"] = {"evidence_weight": 80.0, "evidence_floor": 0.0, "centreline_threshold": 0.2,
-                      "confidence_temperature": 8.0}
+                      "confidence_temperature": 8.0, "gap_fraction_min": 0.7}
     net.save_model(net.build_network(config), meta, tmp_path / "m.safetensors")
     model = net.load_model(tmp_path / "m.safetensors", "cpu")
     options = LocateOptions(**model.locate_settings)
     params = options.energy_params()
-    assert (options.threshold, params.evidence_weight, params.floor, params.temperature, options.sigma_mm) == (
-        0.2, 80.0, 0.0, 8.0, 10.0)
+    assert (options.threshold, params.evidence_weight, params.floor, params.temperature, params.gap_fraction_min,
+            options.sigma_mm) == (0.2, 80.0, 0.0, 8.0, 0.7, 10.0)
     stored = json.loads((tmp_path / "m.json").read_text())
     stored["engine"]["centreline_threshold"] = 1.5
     (tmp_path / "m.json").write_text(json.dumps(stored))

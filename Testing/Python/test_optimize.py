@@ -12,8 +12,10 @@ from VertebraIDLib.optimize import (
     EnergyModel,
     EnergyParams,
     FixedLevel,
+    InconsistentFixedPoints,
     build_energy,
     chain_confidence,
+    exempt_fixed_gaps,
     marginals,
     solve_exact,
     solve_order,
@@ -162,3 +164,20 @@ def test_empty_signals_give_no_vertebrae():
     model = build_energy(np.zeros((50, 26)), LabelSet.standard(), 2.0)
     assert solve_exact(model).levels == []
     assert solve_paper(model, np.zeros(50)).levels == []
+
+
+def test_two_fixed_consecutive_levels_may_be_closer_than_the_gap_bound():
+    # T11 cut by the scan's edge: its visible part's centre lies 12 mm above T12's, below half the
+    # typical T11-T12 gap. The user fixed both: their gap is allowed, every other one is not.
+    labels = LabelSet.standard()
+    t11, t12 = labels.index("T11"), labels.index("T12")
+    model = build_energy(_peaks_signal(60, {17: 10, 18: 16}), labels, 2.0)
+    fixed = [FixedLevel(t11, 10), FixedLevel(t12, 16)]
+    with pytest.raises(InconsistentFixedPoints):
+        solve_exact(model, fixed)
+    exempt = exempt_fixed_gaps(model, fixed)
+    chain = solve_exact(exempt, fixed)
+    assert chain.positions[chain.levels.index(t11)] == 10 and chain.positions[chain.levels.index(t12)] == 16
+    assert np.isfinite(chain.energy)
+    assert marginals(exempt, fixed)[t12, 16] == pytest.approx(1.0, abs=1e-6)
+    assert not exempt.gap_allowed()[labels.index("T10"), 6 - exempt.gap_min]  # only the fixed pair is exempt

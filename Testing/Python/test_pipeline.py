@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from VertebraIDLib.anatomy import LEVELS_26
 from VertebraIDLib.errors import VertebraIDError
 from VertebraIDLib.metrics import evaluate_case
 from VertebraIDLib.pipeline import Cancelled, Constraint, LocateOptions, locate, prepare, solve
@@ -100,7 +101,8 @@ def test_progress_can_cancel():
 
 @pytest.mark.parametrize("setting", [{"threshold": 0.0}, {"threshold": 1.2}, {"evidence_weight": -1.0},
                                      {"evidence_floor": float("nan")}, {"confidence_temperature": 0.0},
-                                     {"evidence_weight": True}])
+                                     {"evidence_weight": True}, {"gap_fraction_min": 0.0}, {"gap_fraction_min": 1.5},
+                                     {"gap_fraction_min": "0.7"}])
 def test_out_of_range_optimiser_settings_are_refused(setting):
     with pytest.raises(VertebraIDError):
         LocateOptions(**setting)
@@ -112,3 +114,18 @@ def test_a_higher_temperature_makes_confidences_less_certain_not_the_labels_diff
     soft = solve(prepared, LocateOptions(confidence_temperature=50.0)).vertebrae
     assert [v.label for v in sharp] == [v.label for v in soft] and sharp
     assert np.mean([v.confidence for v in soft]) < np.mean([v.confidence for v in sharp])
+
+
+def test_fixed_points_closer_than_a_models_tighter_gap_bound_still_relabel():
+    # A model may forbid gaps below 0.9 of the typical one (gap_fraction_min); the user's points
+    # win: T5 and T7 fixed closer than that still give T5, T6, T7, with the user's positions kept.
+    case = simulate_case(4, spacing_mm=3.0, difficulty="clean", levels=("T2", "T10"))
+    truth = {v.label: np.asarray(v.position, float) for v in case.truth}
+    t7 = truth["T5"] + 0.75 * (truth["T7"] - truth["T5"])
+    options = LocateOptions(gap_fraction_min=0.9)
+    prepared = prepare(case.heatmaps, options)
+    result = solve(prepared, options, constraints=[Constraint("T5", truth["T5"]), Constraint("T7", t7)])
+    names = [v.label for v in result.vertebrae]
+    assert {"T5", "T6", "T7"} <= set(names)
+    assert [LEVELS_26.index(n) for n in names] == sorted(LEVELS_26.index(n) for n in names)
+    assert np.allclose(next(v for v in result.vertebrae if v.label == "T7").position, t7)

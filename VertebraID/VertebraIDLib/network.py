@@ -43,7 +43,8 @@ BUNDLED_MODEL_NAME = "vertebraid.safetensors"
 PathLike = str | os.PathLike
 #: Keys of a model metadata's "engine" table -> the LocateOptions fields they set.
 ENGINE_SETTINGS = {"evidence_weight": "evidence_weight", "evidence_floor": "evidence_floor",
-                   "centreline_threshold": "threshold", "confidence_temperature": "confidence_temperature"}
+                   "centreline_threshold": "threshold", "confidence_temperature": "confidence_temperature",
+                   "gap_fraction_min": "gap_fraction_min"}
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ straightened axis (samples, cranial to caudal):
 of blob height (rectify.py), α scales it against R, and evidence below the floor f costs
 instead of rewarding, so chains do not grow into empty stretches or noise. Gaps between
 consecutive centres are bounded to [gap_min_mm, gap_max_mm]: a hard anatomical limit that
-every method shares, so energies are comparable.
+every method shares, so energies are comparable. The gap between two consecutive levels that a
+user fixed is exempt from the bounds (`exempt_fixed_gaps`): the user's points win.
 
 Solvers:
 - `solve_exact`: dynamic programming over (level, position, previous gap): the global minimum.
@@ -20,7 +21,7 @@ Solvers:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.special import logsumexp
@@ -66,6 +67,9 @@ class EnergyModel:
     gap_max: int
     params: EnergyParams = field(default_factory=EnergyParams)
     step_mm: float = 2.0
+    # (level, gap in samples) allowed whatever the gap fractions say: the gap between two
+    # consecutive levels the user fixed (a point on a vertebra cut by the scan's edge, say).
+    exempt_gaps: frozenset = frozenset()
 
     @property
     def length(self) -> int:
@@ -87,7 +91,11 @@ class EnergyModel:
         typical = np.array([typical_gap_mm(name) for name in self.labels.levels])
         lo = self.params.gap_fraction_min * typical
         hi = self.params.gap_fraction_max * typical
-        return (g[None, :] >= lo[:, None]) & (g[None, :] <= hi[:, None])
+        allowed = (g[None, :] >= lo[:, None]) & (g[None, :] <= hi[:, None])
+        for level, gap in self.exempt_gaps:
+            if self.gap_min <= gap <= self.gap_max:
+                allowed[level, gap - self.gap_min] = True
+        return allowed
 
     def spacing_matrix(self, growth: float = 1.0) -> np.ndarray:
         """R(a, b) for every (previous gap a, next gap b), a scaled by the expected growth."""
@@ -161,6 +169,21 @@ class FixedLevel:
 
     level: int
     position: int
+
+
+class InconsistentFixedPoints(VertebraIDError):
+    """No chain of consecutive levels fits the fixed points under the gap bounds."""
+
+
+def exempt_fixed_gaps(model: EnergyModel, fixed: list[FixedLevel]) -> EnergyModel:
+    """`model` with the gaps between consecutively fixed levels allowed: the user's points win."""
+    by_level = sorted(fixed, key=lambda f: f.level)
+    exempt = {
+        (a.level, b.position - a.position)
+        for a, b in zip(by_level, by_level[1:])
+        if b.level in model.labels.successors(a.level) and b.position > a.position
+    }
+    return replace(model, exempt_gaps=frozenset(exempt)) if exempt else model
 
 
 def _apply_constraints(model: EnergyModel, fixed: list[FixedLevel]):
@@ -264,10 +287,10 @@ def solve_exact(model: EnergyModel, fixed: list[FixedLevel] | None = None) -> Ch
     energy, state = best
     if state is None:
         if fixed:
-            raise VertebraIDError("No vertebra order is consistent with the fixed points.")
+            raise InconsistentFixedPoints("No vertebra order is consistent with the fixed points.")
         return Chain([], [], 0.0)
     if not np.isfinite(energy):
-        raise VertebraIDError("No vertebra order is consistent with the fixed points.")
+        raise InconsistentFixedPoints("No vertebra order is consistent with the fixed points.")
     levels, positions = [], []
     lvl, k, j = state
     while True:

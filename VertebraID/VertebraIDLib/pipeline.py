@@ -46,6 +46,9 @@ class LocateOptions:
     evidence_floor: float | None = None
     # Gibbs temperature of the confidences; it scales with α, so a model with its own α brings its own.
     confidence_temperature: float | None = None
+    # Shortest gap between consecutive centres, as a fraction of the level's typical gap (the
+    # engine's 0.5 tolerates any evidence; a model whose maps ripple between vertebrae sets more).
+    gap_fraction_min: float | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -59,13 +62,19 @@ class LocateOptions:
                 raise VertebraIDError(f"The optimiser setting {name} must be a non-negative number, got {value!r}.")
         if self.confidence_temperature == 0:
             raise VertebraIDError("The optimiser setting confidence_temperature must be above 0.")
+        if self.gap_fraction_min is not None and not (
+            isinstance(self.gap_fraction_min, (int, float)) and not isinstance(self.gap_fraction_min, bool)
+            and 0.0 < self.gap_fraction_min < 1.0
+        ):
+            raise VertebraIDError(f"The optimiser setting gap_fraction_min must be a fraction between 0 and 1, "
+                                  f"got {self.gap_fraction_min!r}.")
 
     def energy_params(self, base=None):
         """`base` (default: the engine's EnergyParams) with this run's α, floor and temperature."""
         from .optimize import EnergyParams
 
         own = {"evidence_weight": self.evidence_weight, "floor": self.evidence_floor,
-               "temperature": self.confidence_temperature}
+               "temperature": self.confidence_temperature, "gap_fraction_min": self.gap_fraction_min}
         return replace(base or EnergyParams(), **{k: float(v) for k, v in own.items() if v is not None})
 
     @property
@@ -210,7 +219,17 @@ def solve(
                 opt.FixedLevel(labels.index(c.label), int(round(float(rect.grid.centerline.project(c.position)[0]))))
                 for c in constraints
             ]
-            chain = opt.solve_exact(model, fixed)
+            model = opt.exempt_fixed_gaps(model, fixed)
+            try:
+                chain = opt.solve_exact(model, fixed)
+            except opt.InconsistentFixedPoints:
+                # The user's points win over a tighter-than-default spacing bound: retry with the engine's.
+                loose = opt.EnergyParams().gap_fraction_min
+                if params.gap_fraction_min <= loose:
+                    raise
+                params = replace(params, gap_fraction_min=loose)
+                model = opt.exempt_fixed_gaps(opt.build_energy(rect.signals, labels, rect.step_mm, params), fixed)
+                chain = opt.solve_exact(model, fixed)
         timings["optimize"] = time.perf_counter() - t0
         confidences = None
         if options.method == "exact":
