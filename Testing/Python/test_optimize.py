@@ -16,6 +16,7 @@ from VertebraIDLib.optimize import (
     build_energy,
     chain_confidence,
     exempt_fixed_gaps,
+    gap_fraction_fitting,
     marginals,
     solve_exact,
     solve_order,
@@ -181,3 +182,19 @@ def test_two_fixed_consecutive_levels_may_be_closer_than_the_gap_bound():
     assert np.isfinite(chain.energy)
     assert marginals(exempt, fixed)[t12, 16] == pytest.approx(1.0, abs=1e-6)
     assert not exempt.gap_allowed()[labels.index("T10"), 6 - exempt.gap_min]  # only the fixed pair is exempt
+
+
+def test_the_gap_bound_is_lowered_just_enough_for_fixed_points():
+    labels = LabelSet.standard()
+    t5, t7 = labels.index("T5"), labels.index("T7")
+    fixed = [FixedLevel(t5, 10), FixedLevel(t7, 30)]  # 40 mm for two gaps of ~23 mm each: ~0.8 of typical
+    params = EnergyParams(gap_fraction_min=0.95)
+    model = build_energy(_peaks_signal(60, {11: 10, 12: 20, 13: 30}), labels, 2.0, params)
+    with pytest.raises(InconsistentFixedPoints):
+        solve_exact(model, fixed)
+    relaxed = gap_fraction_fitting(fixed, labels, 2.0, params.gap_fraction_min)
+    assert relaxed is not None and 0.5 < relaxed < 0.95
+    chain = solve_exact(build_energy(_peaks_signal(60, {11: 10, 12: 20, 13: 30}), labels, 2.0,
+                                     EnergyParams(gap_fraction_min=relaxed)), fixed)
+    assert [labels.levels[lvl] for lvl in chain.levels] == ["T5", "T6", "T7"] and chain.positions[1] == 20
+    assert gap_fraction_fitting(fixed, labels, 2.0, 0.5) is None  # nothing to lower: the bound already fits

@@ -186,6 +186,24 @@ def exempt_fixed_gaps(model: EnergyModel, fixed: list[FixedLevel]) -> EnergyMode
     return replace(model, exempt_gaps=frozenset(exempt)) if exempt else model
 
 
+def gap_fraction_fitting(fixed: list[FixedLevel], labels: LabelSet, step_mm: float, fraction: float) -> float | None:
+    """A shortest-gap fraction below `fraction` that leaves room between the fixed levels, or None.
+
+    Between two fixed levels a and b the chain needs b - a gaps; each must reach the fraction of
+    its level's typical gap, so the span between them bounds the fraction. A margin of one
+    sample per gap absorbs the rounding of positions to samples.
+    """
+    by_level = sorted(fixed, key=lambda f: f.level)
+    needed = fraction
+    for a, b in zip(by_level, by_level[1:]):
+        between = labels.levels[a.level:b.level]
+        typical = sum(typical_gap_mm(name) for name in between)
+        span = (b.position - a.position - len(between)) * step_mm
+        if typical > 0 and span > 0:
+            needed = min(needed, span / typical)
+    return needed if needed < fraction else None
+
+
 def _apply_constraints(model: EnergyModel, fixed: list[FixedLevel]):
     """Unary with fixed levels pinned; allowed start/end levels; forbidden skips."""
     unary = model.unary.copy()

@@ -223,11 +223,11 @@ def solve(
             try:
                 chain = opt.solve_exact(model, fixed)
             except opt.InconsistentFixedPoints:
-                # The user's points win over a tighter-than-default spacing bound: retry with the engine's.
-                loose = opt.EnergyParams().gap_fraction_min
-                if params.gap_fraction_min <= loose:
+                # The user's points win over the shortest-gap bound: lower it just enough for them.
+                relaxed = opt.gap_fraction_fitting(fixed, labels, rect.step_mm, params.gap_fraction_min)
+                if relaxed is None:
                     raise
-                params = replace(params, gap_fraction_min=loose)
+                params = replace(params, gap_fraction_min=relaxed)
                 model = opt.exempt_fixed_gaps(opt.build_energy(rect.signals, labels, rect.step_mm, params), fixed)
                 chain = opt.solve_exact(model, fixed)
         timings["optimize"] = time.perf_counter() - t0
