@@ -70,7 +70,7 @@ class LocateOptions:
                                   f"got {self.gap_fraction_min!r}.")
 
     def energy_params(self, base=None):
-        """`base` (default: the engine's EnergyParams) with this run's α, floor and temperature."""
+        """`base` (default: the engine's EnergyParams) with this run's α, floor, temperature and shortest gap."""
         from .optimize import EnergyParams
 
         own = {"evidence_weight": self.evidence_weight, "floor": self.evidence_floor,
