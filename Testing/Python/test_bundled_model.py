@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from VertebraIDLib import network as net
 from VertebraIDLib.cli import main
-from VertebraIDLib.formats import read_vertebrae_json
+from VertebraIDLib.datasets import load_case
+from VertebraIDLib.formats import read_vertebrae_json, write_markups_json
+from VertebraIDLib.metrics import evaluate_case
 from VertebraIDLib.phantom import generate_phantom, write_phantom
 from VertebraIDLib.pipeline import LocateOptions
 
 MAX_MODEL_MB = 20.0
+REALCT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "realct"
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +73,41 @@ def test_detect_uses_the_bundled_model_and_finds_the_spine(bundled, tmp_path, ca
     truth = np.array([v.position for v in phantom.truth])
     on_a_body = [np.min(np.linalg.norm(truth - v.position, axis=1)) <= 10.0 for v in placed]
     assert len(placed) >= 3 and np.mean(on_a_body) >= 0.75
+
+
+def test_detect_with_a_users_correction_relabels_a_real_scan(bundled, tmp_path, capsys):
+    """The headless Re-label on ts_lumbar (real, T12..S1): detect, then the user vouches for T12.
+
+    The bundled model names this scan's vertebrae wrongly (it packs labels C1..L1 onto it); with
+    T12 fixed at its true centre the rest must follow: at least 6 of the 7 vertebrae identified,
+    T12 kept exactly where the user put it and marked locked. Bad uses are refused before anything
+    is written.
+    """
+    case = load_case(REALCT / "ts_lumbar")
+    ct_path = REALCT / "ts_lumbar" / "ct.nii.gz"
+    t12 = next(v for v in case.truth if v.label == "T12")
+    write_markups_json(tmp_path / "fix.mrk.json", [t12])
+
+    assert main(["detect", str(ct_path), "-o", str(tmp_path / "auto"), "--no-picture"]) == 0
+    assert main(["detect", str(ct_path), "-o", str(tmp_path / "fixed"), "--no-picture",
+                 "--fixed", str(tmp_path / "fix.mrk.json")]) == 0
+    assert "1 kept as fixed" in capsys.readouterr().out
+    result = read_vertebrae_json(tmp_path / "fixed" / "ts_lumbar.vertebrae.json")
+    kept = next(v for v in result if v.label == "T12")
+    assert np.allclose(kept.position, t12.position, atol=1e-3) and kept.locked
+    assert evaluate_case(result, case.truth).num_identified >= 6
+
+    auto_markups = tmp_path / "auto" / "ts_lumbar.mrk.json"
+    refused = [
+        ["--fixed", str(auto_markups), "-o", str(tmp_path / "auto"), "--overwrite"],  # would overwrite the user's file
+        ["--fixed", str(tmp_path / "fix.mrk.json"), "-o", str(tmp_path / "fixed")],  # already done, no --overwrite
+        ["--fixed", str(tmp_path / "fix.mrk.json"), "-o", str(tmp_path / "paper"), "--method", "paper"],
+        ["--fixed", str(tmp_path / "missing.json"), "-o", str(tmp_path / "missing")],
+    ]
+    for extra in refused:
+        assert main(["detect", str(ct_path), *extra]) == 2
+        assert "error:" in capsys.readouterr().err
+    assert main(["detect", str(ct_path), str(REALCT / "tptbox_lumbar"), "-o", str(tmp_path / "two"),
+                 "--fixed", str(tmp_path / "fix.mrk.json")]) == 2
+    assert "one CT" in capsys.readouterr().err
+    assert not (tmp_path / "paper").exists() and not (tmp_path / "missing").exists() and not (tmp_path / "two").exists()

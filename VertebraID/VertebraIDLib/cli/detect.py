@@ -10,6 +10,10 @@ them (searched recursively). For each case, into DIR:
 Cases whose .vertebrae.json exists are skipped (--overwrite redoes them). Every file is
 written atomically. With several inputs a failing case is reported and the others go on;
 the exit code is then 2.
+
+--fixed FILE (one CT): the headless Re-label. Every labelled point in FILE (Slicer markups,
+vertebrae JSON/CSV or VerSe centroids) is a correction the user vouches for: it keeps its label
+and position, and the rest of the spine is re-solved around it (exact optimiser).
 """
 from __future__ import annotations
 
@@ -37,6 +41,9 @@ def register(subparsers) -> None:
     parser.add_argument("--save-heatmaps", action="store_true", help="also write the 26 maps (<case>_heatmaps.nii.gz)")
     parser.add_argument("--no-picture", action="store_true", help="skip the QC picture")
     parser.add_argument("--overwrite", action="store_true", help="redo cases that are already done")
+    parser.add_argument("--fixed", metavar="FILE",
+                        help="one CT only: labelled points (markups, vertebrae JSON/CSV, VerSe centroids) to keep as "
+                        "they are; the rest is re-solved around them, like Re-label in Slicer")
     parser.set_defaults(func=run)
 
 
@@ -102,6 +109,17 @@ def output_paths(out_dir: Path, case: str) -> dict[str, Path]:
     }
 
 
+def read_fixed_points(path: Path, ct) -> list:
+    """The user's corrections as constraints: every labelled point of the file, in RAS."""
+    from ..formats import read_vertebrae_any
+    from ..pipeline import Constraint
+
+    points = read_vertebrae_any(path, reference=ct)
+    if not points:
+        raise VertebraIDError(f"The fixed points file '{path}' holds no labelled point.")
+    return [Constraint(v.label, v.position) for v in points]
+
+
 def detect_case(ct_path: Path, case: str, model, args, out_dir: Path) -> str:
     from ..formats import write_markups_json, write_verse_ctd, write_vertebrae_json
     from ..inference import predict_heatmaps
@@ -112,14 +130,16 @@ def detect_case(ct_path: Path, case: str, model, args, out_dir: Path) -> str:
     timings = {}
     t0 = time.perf_counter()
     ct = read_image(ct_path)
+    constraints = read_fixed_points(Path(args.fixed), ct) if args.fixed else []
     timings["read"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     heatmaps = predict_heatmaps(ct, model, args.device)
     timings["network"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     options = locate_options(args, **model.locate_settings)
-    result = locate(heatmaps, options)
+    result = locate(heatmaps, options, constraints)
     timings["pipeline"] = time.perf_counter() - t0
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a case that fails early leaves no folder
     if args.save_heatmaps:
         write_scaled_uint8_nifti(heatmaps, paths["heatmaps"])
     write_markups_json(paths["markups"], result.vertebrae)
@@ -136,11 +156,30 @@ def detect_case(ct_path: Path, case: str, model, args, out_dir: Path) -> str:
         model_sha256=model.metadata.get("weights_sha256"), method=result.method,
         energy=None if result.energy != result.energy else round(float(result.energy), 4),
         spine_found=result.centerline is not None,
+        **({"fixed_points": str(args.fixed)} if args.fixed else {}),
         timings_s={k: round(v, 3) for k, v in {**timings, **result.timings_s}.items()},
     )
     labels = " ".join(v.label for v in result.vertebrae) or "none (no spine found)"
     count = len(result.vertebrae)
-    return f"{case}: {count} {'vertebra' if count == 1 else 'vertebrae'} ({labels})"
+    fixed = f", {len(constraints)} kept as fixed" if constraints else ""
+    return f"{case}: {count} {'vertebra' if count == 1 else 'vertebrae'} ({labels}){fixed}"
+
+
+def _check_fixed_run(args, cases, out_dir: Path) -> None:
+    """--fixed re-labels one case: refuse what would skip it or write over the user's file."""
+    fixed = Path(args.fixed)
+    if not fixed.is_file():
+        raise VertebraIDError(f"Cannot read the fixed points file '{fixed}': no such file.")
+    if len(cases) != 1:
+        raise VertebraIDError(f"--fixed holds the corrections of one case; give one CT, not {len(cases)}.")
+    if args.method != "exact":
+        raise VertebraIDError("Fixed points need the exact method (--method exact).")
+    paths = output_paths(out_dir, cases[0][0])
+    if any(p.resolve() == fixed.resolve() for p in paths.values() if p.exists()):
+        raise VertebraIDError(f"The results would overwrite the fixed points file '{fixed}'; "
+                              "write them to another folder (-o).")
+    if paths["vertebrae"].exists() and not args.overwrite:
+        raise VertebraIDError(f"'{paths['vertebrae']}' exists; add --overwrite or choose another -o to re-label.")
 
 
 def run(args) -> int:
@@ -150,6 +189,8 @@ def run(args) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise VertebraIDError(f"The output '{out_dir}' is a file; give a folder.")
     cases = find_inputs(args.inputs)
+    if args.fixed:
+        _check_fixed_run(args, cases, out_dir)
     model_path = Path(args.model) if args.model else default_model_path()
     model = load_model(model_path, args.device)
     if model.metadata.get("status"):  # e.g. a research preview: say so before any label is read
@@ -158,7 +199,6 @@ def run(args) -> int:
     skipped = len(cases) - len(todo)
     if skipped:
         print(f"skipping {skipped} case(s) already done in {out_dir}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
     for name, path in todo:
         t0 = time.perf_counter()
