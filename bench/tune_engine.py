@@ -11,8 +11,9 @@ the held-out test seeds of `network_eval.py`), labels them with the exact optimi
 (threshold, α, floor) on a grid, and prints the identification rates. With the best of them it
 picks the shortest gap a chain may take between consecutive centres (a fraction of the level's
 typical gap: maps that ripple between vertebrae otherwise get two labels per body), then the
-confidences' temperature that makes them honest: the lowest Brier score (mean
-squared gap between a vertebra's confidence and whether it was identified). `--write` stores the
+confidences' temperature that makes them honest by the Brier score (mean squared gap between a
+vertebra's confidence and whether it was identified): the highest temperature within one standard
+error of the lowest score (phantoms are not real scans: among equals, the more cautious). `--write` stores the
 settings in the model's metadata ("engine" table; the weights and their checksum are untouched), where
 `detect`, the Slicer module and `network_eval.py` read it.
 """
@@ -83,8 +84,13 @@ def main(argv=None) -> int:
             hits += confidence_outcomes(vertebrae, evaluate_case(vertebrae, truth))
         confidence, identified = np.array([h[0] for h in hits]), np.array([h[1] for h in hits], float)
         hits_at[temperature] = hits
-        temperature_rows.append((temperature, float(np.mean((confidence - identified) ** 2)), float(np.mean(confidence))))
-    best_temperature = min(temperature_rows, key=lambda row: row[1])[0]
+        squared = (confidence - identified) ** 2
+        temperature_rows.append((temperature, float(np.mean(squared)), float(np.mean(confidence)),
+                                 float(np.std(squared) / np.sqrt(max(len(squared), 1)))))
+    # One-standard-error rule: the most cautious (highest) temperature whose Brier score is within
+    # one standard error of the lowest. Phantoms are not real scans; among equals, doubt more.
+    lowest = min(temperature_rows, key=lambda row: row[1])
+    best_temperature = max(row[0] for row in temperature_rows if row[1] <= lowest[1] + lowest[3])
 
     lines = [f"## Engine settings for {Path(args.model).name}: {args.phantoms} validation phantoms "
              f"(seeds {args.seed}..{args.seed + args.phantoms - 1}), exact optimiser, identification %"]
@@ -101,9 +107,10 @@ def main(argv=None) -> int:
               "", f"best: gap fraction {best_gap:g} ({100 * gap_rates[best_gap]:.1f} %)"]
     lines += ["", f"Confidence temperature with these settings (share identified: "
               f"{100 * np.mean([ok for _, ok in hits_at[best_temperature]]):.1f} % of the vertebrae placed):", "",
-              "| temperature | Brier score | mean confidence |", "|---|---|---|"]
-    lines += [f"| {t:g} | {brier:.3f} | {mean:.3f} |" for t, brier, mean in temperature_rows]
-    lines += ["", f"best: temperature {best_temperature:g}", "", confidence_table(hits_at[best_temperature])]
+              "| temperature | Brier score | standard error | mean confidence |", "|---|---|---|---|"]
+    lines += [f"| {t:g} | {brier:.3f} | {se:.3f} | {mean:.3f} |" for t, brier, mean, se in temperature_rows]
+    lines += ["", f"chosen: temperature {best_temperature:g} (the highest within one standard error of the lowest Brier "
+              f"score, {lowest[1]:.3f} at {lowest[0]:g})", "", confidence_table(hits_at[best_temperature])]
     report = "\n".join(lines)
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
