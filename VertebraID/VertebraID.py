@@ -470,8 +470,11 @@ class VertebraIDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 p.resultPoints = run.nodes[mrml.ROLE_POINTS]
                 found = run.result.vertebrae
                 span = f" ({found[0].label}-{found[-1].label})" if found else ""
+                to_check = [v.label for v in found if v.needs_check]
+                check = f" Check {', '.join(to_check)} (red: confidence below 0.5)." if to_check else ""
                 self.ui.statusLabel.text = (
                     f"Found {len(found)} vertebrae{span} in {sum(run.timings_s.values()):.1f} s from the {run.evidence}."
+                    + check
                 )
                 slicer.util.setSliceViewerLayers(
                     background=p.inputVolume, foreground=run.nodes[mrml.ROLE_COMBINED], foregroundOpacity=0.4
@@ -547,6 +550,9 @@ class RelabelReport:
             parts.append(f"point(s) {', '.join(self.ignored)} left as they are (not a vertebra label)")
         if self.left_out:
             parts.append(f"{', '.join(self.left_out)} not placed where you deleted points")
+        to_check = [v.label for v in self.vertebrae if v.needs_check]
+        if to_check:
+            parts.append(f"check {', '.join(to_check)} (red: confidence below 0.5)")
         return "; ".join(parts) + "."
 
 

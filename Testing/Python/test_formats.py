@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from VertebraIDLib.anatomy import REGION_COLORS
+from VertebraIDLib.anatomy import CHECK_COLOR, REGION_COLORS
 from VertebraIDLib import formats
 from VertebraIDLib.errors import VertebraIDError
 from VertebraIDLib.vertebrae import Vertebra, sort_by_level
@@ -253,7 +253,21 @@ def test_markups_point_list_is_valid_and_round_trips(tmp_path, markups_validator
 def test_markups_single_region_colour(markups_validator):
     data = formats.markups_point_list_dict([Vertebra("L2", [0, 0, 0]), Vertebra("L3", [0, 0, -30])])
     markups_validator.validate(data)
-    assert tuple(data["markups"][0]["display"]["color"]) == REGION_COLORS["L"]
+    assert tuple(data["markups"][0]["display"]["selectedColor"]) == REGION_COLORS["L"]
+
+
+def test_labels_to_check_are_drawn_apart_and_read_back(tmp_path, markups_validator):
+    vertebrae = [Vertebra("L1", [0, 0, 30], 0.3), Vertebra("L2", [0, 0, 0], 0.9),
+                 Vertebra("L3", [0, 0, -30], 0.1, locked=True)]
+    data = formats.markups_point_list_dict(vertebrae)
+    markups_validator.validate(data)
+    points = data["markups"][0]["controlPoints"]
+    assert [p["selected"] for p in points] == [False, True, True]  # a user's fixed point is never one to check
+    assert points[0]["description"] == "confidence 0.30 (check)" and points[1]["description"] == "confidence 0.90"
+    display = data["markups"][0]["display"]
+    assert tuple(display["color"]) == CHECK_COLOR and tuple(display["selectedColor"]) == REGION_COLORS["L"]
+    formats.write_markups_json(tmp_path / "p.mrk.json", vertebrae)
+    assert [v.confidence for v in formats.read_markups_json(tmp_path / "p.mrk.json")] == [0.3, 0.9, 0.1]
 
 
 def test_curve_markups_valid(tmp_path, markups_validator):

@@ -190,6 +190,9 @@ def test_point_edits_are_read_back():
     node = mrml.add_vertebrae_points(context.scene, vertebrae)
     assert [node.GetNthControlPointLabel(i) for i in range(3)] == ["T12", "L1", "L2"]
     assert node.GetNthControlPointDescription(1) == "confidence 0.90"
+    low = mrml.add_vertebrae_points(context.scene, [Vertebra("T1", [0, 0, 0], 0.2), Vertebra("T2", [0, 0, -20], 0.6)])
+    assert [bool(low.GetNthControlPointSelected(i)) for i in range(2)] == [False, True]  # red: the one to check
+    assert low.GetNthControlPointDescription(0) == "confidence 0.20 (check)"
     edits = mrml.read_point_edits(node)
     assert not any(p.edited for p in edits.points) and edits.deleted == []
 

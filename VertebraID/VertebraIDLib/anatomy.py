@@ -51,6 +51,8 @@ REGION_COLORS = {
     "L": (0.3, 0.6, 1.0),
     "S": (0.85, 0.4, 0.85),
 }
+#: Colour of a point whose label is more likely wrong than right (Vertebra.needs_check).
+CHECK_COLOR = (1.0, 0.25, 0.25)
 
 
 def region(label: str) -> str:

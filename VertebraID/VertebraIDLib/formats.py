@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .anatomy import LABEL_IDS, REGION_COLORS, VERSE_IDS, VERSE_NAMES, is_known_label, region
+from .anatomy import CHECK_COLOR, LABEL_IDS, REGION_COLORS, VERSE_IDS, VERSE_NAMES, is_known_label, region
 from .errors import VertebraIDError
 from .fileio import write_json_atomic, write_text_atomic
 from .vertebrae import Vertebra, sort_by_level
@@ -311,7 +311,8 @@ def _markups_document(markup: dict) -> dict:
     return {"@schema": MARKUPS_SCHEMA, "markups": [markup]}
 
 
-def _control_point(n: int, label: str, position_lps, description: str = "", locked: bool = False) -> dict:
+def _control_point(n: int, label: str, position_lps, description: str = "", locked: bool = False,
+                   selected: bool = True) -> dict:
     return {
         "id": str(n),
         "label": label,
@@ -319,7 +320,7 @@ def _control_point(n: int, label: str, position_lps, description: str = "", lock
         "associatedNodeID": "",
         "position": _rounded(position_lps, POSITION_DECIMALS),
         "orientation": list(_LPS_IDENTITY_ORIENTATION),
-        "selected": True,
+        "selected": bool(selected),
         "locked": bool(locked),
         "visibility": True,
         "positionStatus": "defined",
@@ -330,7 +331,7 @@ def _display(color) -> dict:
     return {
         "visibility": True,
         "opacity": 1.0,
-        "color": list(color),
+        "color": list(CHECK_COLOR),  # unselected points: the labels to check
         "selectedColor": list(color),
         "activeColor": [0.4, 1.0, 0.0],
         "propertiesLabelVisibility": False,
@@ -348,14 +349,15 @@ def markups_point_list_dict(vertebrae: list[Vertebra], name: str = "Vertebrae", 
 
     Each point is labelled with its level; its description carries the confidence and its
     locked flag follows the vertebra. A markups node has one colour: by default the region
-    colour when all vertebrae share a region, else a neutral yellow.
+    colour when all vertebrae share a region, else a neutral yellow. Points to check (confidence
+    below 0.5) are left unselected, which Slicer draws in the node's other colour, red.
     """
     ordered = _finite(vertebrae)
     if color is None:
         regions = {v.region for v in ordered}
         color = REGION_COLORS[regions.pop()] if len(regions) == 1 else _DEFAULT_MARKUPS_COLOR
     points = [
-        _control_point(n, v.label, _convert(v.position, "LPS"), f"confidence {float(v.confidence):.2f}", v.locked)
+        _control_point(n, v.label, _convert(v.position, "LPS"), v.confidence_text, v.locked, not v.needs_check)
         for n, v in enumerate(ordered, start=1)
     ]
     markup = {

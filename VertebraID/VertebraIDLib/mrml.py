@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .anatomy import LABEL_IDS, LEVELS_26, REGION_COLORS, region
+from .anatomy import CHECK_COLOR, LABEL_IDS, LEVELS_26, REGION_COLORS, region
 from .errors import VertebraIDError
 from .fileio import atomic_path
 from .vertebrae import Vertebra
@@ -550,7 +550,7 @@ def region_color_node(scene):
 def _format_description(vertebra: Vertebra) -> str:
     if vertebra.locked:
         return "fixed by user"
-    return f"confidence {vertebra.confidence:.2f}"
+    return vertebra.confidence_text
 
 
 def _parse_confidence(description: str) -> float:
@@ -568,6 +568,7 @@ def add_vertebrae_points(scene, vertebrae: list[Vertebra], name: str = "Vertebra
     node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
     display.SetSelectedColor(1.0, 1.0, 0.3)
+    display.SetColor(*CHECK_COLOR)  # unselected points: labels more likely wrong than right
     display.SetTextScale(3.0)
     display.SetGlyphScale(2.0)
     set_vertebrae_points(node, vertebrae)
@@ -587,6 +588,7 @@ def set_vertebrae_points(node, vertebrae: list[Vertebra]) -> None:
         node.SetNthControlPointPositionWorld(index, *map(float, vertebra.position))  # world, even under a transform
         node.SetNthControlPointDescription(index, _format_description(vertebra))
         node.SetNthControlPointLocked(index, bool(vertebra.locked))
+        node.SetNthControlPointSelected(index, not vertebra.needs_check)
     node.EndModify(was_modifying)
     remember_solved(node)
 

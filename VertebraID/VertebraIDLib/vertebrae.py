@@ -7,6 +7,9 @@ import numpy as np
 
 from .anatomy import LABEL_IDS, region
 
+#: Below this confidence a label is more likely wrong than right: shown as one to check.
+CHECK_BELOW_CONFIDENCE = 0.5
+
 
 @dataclass
 class Vertebra:
@@ -29,6 +32,16 @@ class Vertebra:
     @property
     def region(self) -> str:
         return region(self.label)
+
+    @property
+    def needs_check(self) -> bool:
+        """A solver's label that is more likely wrong than right (a user's fixed point never is)."""
+        return not self.locked and self.confidence < CHECK_BELOW_CONFIDENCE
+
+    @property
+    def confidence_text(self) -> str:
+        """What markups descriptions say: 'confidence 0.32 (check)'."""
+        return f"confidence {float(self.confidence):.2f}" + (" (check)" if self.needs_check else "")
 
 
 def sort_by_level(vertebrae: list[Vertebra]) -> list[Vertebra]:

@@ -162,7 +162,9 @@ def detect_case(ct_path: Path, case: str, model, args, out_dir: Path) -> str:
     labels = " ".join(v.label for v in result.vertebrae) or "none (no spine found)"
     count = len(result.vertebrae)
     fixed = f", {len(constraints)} kept as fixed" if constraints else ""
-    return f"{case}: {count} {'vertebra' if count == 1 else 'vertebrae'} ({labels}){fixed}"
+    to_check = [v.label for v in result.vertebrae if v.needs_check]
+    check = f"; check {' '.join(to_check)} (confidence < 0.5)" if to_check else ""
+    return f"{case}: {count} {'vertebra' if count == 1 else 'vertebrae'} ({labels}){fixed}{check}"
 
 
 def _check_fixed_run(args, cases, out_dir: Path) -> None:
