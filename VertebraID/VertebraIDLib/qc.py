@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from .anatomy import REGION_COLORS
+from .anatomy import CHECK_COLOR, REGION_COLORS
 from .errors import VertebraIDError
 from .fileio import atomic_path
 from .volume import Volume
@@ -160,16 +160,23 @@ def render_views(ct: Volume, vertebrae=None, centerline_ras=None, title: str | N
     fontsize = max(5.0, min(9.0, 0.9 * height_in))
     for v in vertebrae:
         p = np.asarray(v.position, float)
-        color = REGION_COLORS.get(v.label[0], (1.0, 1.0, 0.3))
+        color, text = _label_style(v)
         for ax, horizontal in ((axes[0], p[1]), (axes[1], p[0])):
             ax.plot(horizontal, p[2], "o", ms=3.5, color=color, mec="black", mew=0.5)
-            ax.annotate(v.label, (horizontal, p[2]), xytext=(5, 0), textcoords="offset points", color=color,
+            ax.annotate(text, (horizontal, p[2]), xytext=(5, 0), textcoords="offset points", color=color,
                         fontsize=fontsize, va="center", fontweight="bold")
     axes[0].set_title("sagittal", color="white", fontsize=fontsize)
     axes[1].set_title("coronal", color="white", fontsize=fontsize)
     if title:
         fig.suptitle(title, color="white", fontsize=fontsize + 1)
     return fig
+
+
+def _label_style(vertebra) -> tuple:
+    """(colour, text) of a vertebra's label: its region's colour, red with a '?' when it is one to check."""
+    if vertebra.needs_check:
+        return CHECK_COLOR, f"{vertebra.label}?"
+    return REGION_COLORS.get(vertebra.label[0], (1.0, 1.0, 0.3)), vertebra.label
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> None:
@@ -224,10 +231,10 @@ def result_figure(result, ct: Volume | None = None, title: str | None = None):
         axes[0].plot(c[:, 0], c[:, 2], "-", color="cyan", lw=1)
         axes[1].plot(c[:, 1], c[:, 2], "-", color="cyan", lw=1)
     for v in result.vertebrae:
-        color = REGION_COLORS.get(v.region, "white")
+        color, text = _label_style(v)
         for ax, h in ((axes[0], v.position[0]), (axes[1], v.position[1])):
             ax.plot(h, v.position[2], "o", ms=3, color=color, mec="black", mew=0.4)
-            ax.annotate(v.label, (h, v.position[2]), xytext=(4, 0), textcoords="offset points", color=color, fontsize=7)
+            ax.annotate(text, (h, v.position[2]), xytext=(4, 0), textcoords="offset points", color=color, fontsize=7)
     for ax in axes[:2]:
         ax.set_xticks([])
         ax.set_ylabel("S (mm)")
@@ -262,8 +269,9 @@ def result_figure(result, ct: Volume | None = None, title: str | None = None):
         if z is None:
             continue
         signal_ax.axhline(z * rect.step_mm, color=REGION_COLORS.get(v.region, "grey"), lw=0.5, ls=":")
-        signal_ax.annotate(f"{v.label} {v.confidence:.2f}", (signal_ax.get_xlim()[1], z * rect.step_mm), fontsize=7,
-                           va="center", ha="right")
+        color, text = _label_style(v)
+        signal_ax.annotate(f"{text} {v.confidence:.2f}", (signal_ax.get_xlim()[1], z * rect.step_mm), fontsize=7,
+                           va="center", ha="right", color="black" if color != CHECK_COLOR else color)
     signal_ax.invert_yaxis()
     signal_ax.set_xlabel("activation (blob heights)")
     signal_ax.set_title(f"1-D signals, {result.method} (energy {result.energy:.1f})")
