@@ -40,7 +40,7 @@ from VertebraIDLib import mrml
 from VertebraIDLib.anatomy import LEVELS_26, LabelSet, is_known_label, region
 from VertebraIDLib.errors import VertebraIDError
 from VertebraIDLib.pipeline import Cancelled, Constraint, LocateOptions
-from VertebraIDLib.vertebrae import Vertebra, sort_by_level
+from VertebraIDLib.vertebrae import CHECK_BELOW_CONFIDENCE, Vertebra, sort_by_level
 from VertebraIDLib.volume import Volume
 
 try:  # the 3D Slicer application
@@ -471,7 +471,8 @@ class VertebraIDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 found = run.result.vertebrae
                 span = f" ({found[0].label}-{found[-1].label})" if found else ""
                 to_check = [v.label for v in found if v.needs_check]
-                check = f" Check {', '.join(to_check)} (red: confidence below 0.5)." if to_check else ""
+                check = (f" Check {', '.join(to_check)} (red: confidence below {CHECK_BELOW_CONFIDENCE:g})."
+                         if to_check else "")
                 self.ui.statusLabel.text = (
                     f"Found {len(found)} vertebrae{span} in {sum(run.timings_s.values()):.1f} s from the {run.evidence}."
                     + check
@@ -552,7 +553,7 @@ class RelabelReport:
             parts.append(f"{', '.join(self.left_out)} not placed where you deleted points")
         to_check = [v.label for v in self.vertebrae if v.needs_check]
         if to_check:
-            parts.append(f"check {', '.join(to_check)} (red: confidence below 0.5)")
+            parts.append(f"check {', '.join(to_check)} (red: confidence below {CHECK_BELOW_CONFIDENCE:g})")
         return "; ".join(parts) + "."
 
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from ..errors import VertebraIDError
+from ..vertebrae import CHECK_BELOW_CONFIDENCE
 from ._common import add_locate_options, locate_options
 
 
@@ -163,7 +164,7 @@ def detect_case(ct_path: Path, case: str, model, args, out_dir: Path) -> str:
     count = len(result.vertebrae)
     fixed = f", {len(constraints)} kept as fixed" if constraints else ""
     to_check = [v.label for v in result.vertebrae if v.needs_check]
-    check = f"; check {' '.join(to_check)} (confidence < 0.5)" if to_check else ""
+    check = f"; check {' '.join(to_check)} (confidence < {CHECK_BELOW_CONFIDENCE:g})" if to_check else ""
     return f"{case}: {count} {'vertebra' if count == 1 else 'vertebrae'} ({labels}){fixed}{check}"
 
 
