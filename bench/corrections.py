@@ -32,9 +32,9 @@ from VertebraIDLib.pipeline import Constraint, LocateOptions, prepare, solve
 LEVEL_ORDER = LabelSet.standard(transitional=True).levels
 
 
-def correction_rounds(prepared, truth, options: LocateOptions, rounds: int):
-    """Evaluations after 0..rounds corrections (a finished scan repeats its last one)."""
-    vertebrae = solve(prepared, options).vertebrae
+def correction_rounds(prepared, truth, options: LocateOptions, rounds: int, vertebrae):
+    """Evaluations after 0..rounds corrections of `vertebrae`, the automatic result (a finished
+    scan repeats its last one)."""
     constraints: list[Constraint] = []
     evaluations = []
     for _ in range(rounds + 1):
@@ -89,7 +89,8 @@ def main(argv=None) -> int:
 
     phantom_rounds = []
     for case_seed, truth, maps, _ in predicted_phantoms(model, args.phantoms, args.seed):
-        phantom_rounds.append(correction_rounds(prepare(maps, options), truth, options, rounds))
+        prepared = prepare(maps, options)
+        phantom_rounds.append(correction_rounds(prepared, truth, options, rounds, solve(prepared, options).vertebrae))
         print(f"phantom {case_seed}: " + " -> ".join(str(e.num_identified) for e in phantom_rounds[-1])
               + f" of {phantom_rounds[-1][0].num_gt}", flush=True)
 
@@ -98,9 +99,10 @@ def main(argv=None) -> int:
         if case.image is None or not case.truth:
             continue
         prepared = prepare(predict_heatmaps(case.image, model, "cpu"), options)
-        evaluations = correction_rounds(prepared, case.truth, options, rounds)
+        automatic = solve(prepared, options).vertebrae
+        evaluations = correction_rounds(prepared, case.truth, options, rounds, automatic)
         real_rounds.append(evaluations)
-        offsets = name_offsets(solve(prepared, options).vertebrae, case.truth)
+        offsets = name_offsets(automatic, case.truth)
         found = [o for o in offsets if o is not None]
         shifts = ", ".join(f"{k:+d}: {n}" for k, n in sorted(Counter(found).items())) or "-"
         real_rows.append(f"| {case.name} | {case.truth[0].label}..{case.truth[-1].label} | {len(found)} / {len(offsets)} | "

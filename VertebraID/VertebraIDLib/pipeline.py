@@ -227,8 +227,7 @@ def solve(
                 relaxed = opt.gap_fraction_fitting(fixed, labels, rect.step_mm, params.gap_fraction_min)
                 if relaxed is None:
                     raise
-                params = replace(params, gap_fraction_min=relaxed)
-                model = opt.exempt_fixed_gaps(opt.build_energy(rect.signals, labels, rect.step_mm, params), fixed)
+                model = replace(model, params=replace(model.params, gap_fraction_min=relaxed))  # unary unchanged
                 chain = opt.solve_exact(model, fixed)
         timings["optimize"] = time.perf_counter() - t0
         confidences = None

@@ -269,9 +269,9 @@ def result_figure(result, ct: Volume | None = None, title: str | None = None):
         if z is None:
             continue
         signal_ax.axhline(z * rect.step_mm, color=REGION_COLORS.get(v.region, "grey"), lw=0.5, ls=":")
-        color, text = _label_style(v)
+        text = _label_style(v)[1]
         signal_ax.annotate(f"{text} {v.confidence:.2f}", (signal_ax.get_xlim()[1], z * rect.step_mm), fontsize=7,
-                           va="center", ha="right", color="black" if color != CHECK_COLOR else color)
+                           va="center", ha="right", color=CHECK_COLOR if v.needs_check else "black")
     signal_ax.invert_yaxis()
     signal_ax.set_xlabel("activation (blob heights)")
     signal_ax.set_title(f"1-D signals, {result.method} (energy {result.energy:.1f})")
