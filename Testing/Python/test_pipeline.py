@@ -129,3 +129,12 @@ def test_fixed_points_closer_than_a_models_tighter_gap_bound_still_relabel():
     assert {"T5", "T6", "T7"} <= set(names)
     assert [LEVELS_26.index(n) for n in names] == sorted(LEVELS_26.index(n) for n in names)
     assert np.allclose(next(v for v in result.vertebrae if v.label == "T7").position, t7)
+
+
+def test_a_fixed_point_far_from_the_spine_is_refused_with_one_sentence():
+    case = simulate_case(4, spacing_mm=3.0, difficulty="clean", levels=("T2", "T10"))
+    t5 = next(v for v in case.truth if v.label == "T5").position
+    prepared = prepare(case.heatmaps)
+    assert solve(prepared, constraints=[Constraint("T5", t5 + [20.0, 0.0, 0.0])]).vertebrae  # near: used
+    with pytest.raises(VertebraIDError, match="from the traced spine"):
+        solve(prepared, constraints=[Constraint("T5", t5 + [0.0, 200.0, 0.0])])

@@ -215,10 +215,7 @@ def solve(
         elif options.method == "paper":
             chain = opt.solve_paper(model, rect.combined_signal)
         else:
-            fixed = [
-                opt.FixedLevel(labels.index(c.label), int(round(float(rect.grid.centerline.project(c.position)[0]))))
-                for c in constraints
-            ]
+            fixed = _fixed_levels(rect.grid.centerline, labels, constraints)
             model = opt.exempt_fixed_gaps(model, fixed)
             try:
                 chain = opt.solve_exact(model, fixed)
@@ -245,6 +242,28 @@ def solve(
     timings.setdefault("optimize", time.perf_counter() - t0)
     _report(progress, 1.0, "Done")
     return Result(vertebrae, options.method, energy, prepared, timings)
+
+
+#: A fixed point farther than this from the traced centreline is not on this spine (a point from
+#: another scan, or a file read in the wrong coordinate system). True body centres lie within ~25 mm.
+MAX_FIXED_POINT_OFF_SPINE_MM = 50.0
+
+
+def _fixed_levels(centerline, labels: LabelSet, constraints: list[Constraint]) -> list:
+    """The user's points as levels fixed at samples of the straightened axis."""
+    from .optimize import FixedLevel
+
+    fixed = []
+    for c in constraints:
+        k = float(centerline.project(c.position)[0])
+        off = float(np.linalg.norm(np.asarray(c.position, float) - centerline.interpolate(k)[0]))
+        if off > MAX_FIXED_POINT_OFF_SPINE_MM:
+            raise VertebraIDError(
+                f"The fixed {c.label} lies {off:.0f} mm from the traced spine; check its position "
+                "(and, for a file, its coordinate system)."
+            )
+        fixed.append(FixedLevel(labels.index(c.label), int(round(k))))
+    return fixed
 
 
 def locate(
