@@ -25,7 +25,7 @@ from VertebraIDLib.phantom import generate_phantom
 from VertebraIDLib.optimize import EnergyParams
 from VertebraIDLib.pipeline import METHODS, LocateOptions, locate, prepare, solve
 from VertebraIDLib.qc import result_figure, save_figure
-from VertebraIDLib.training import level_peak_errors
+from VertebraIDLib.training import level_peak_errors, strongest_channel_rates, strongest_levels
 
 DEFAULT_ENERGY = EnergyParams()
 REALCT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "realct"
@@ -56,15 +56,27 @@ def confidence_table(hits) -> str:
     return "\n".join(lines)
 
 
+def strongest_channel_text(pairs) -> str:
+    """Which channel fires on the vertebrae (within 6 mm of each centre), by true region."""
+    rates = strongest_channel_rates(pairs)
+    by_region = ", ".join(f"{r} {100 * rates[f'channel_region_right_{r}']:.1f} %"
+                          for r in "CTLS" if rates[f"channel_region_right_{r}"] is not None)
+    level = rates["channel_level_right"]
+    level = "-" if level is None else f"{100 * level:.1f} %"
+    return (f"Strongest channel within 6 mm of each of the {len(pairs)} vertebrae: its own level {level}; "
+            f"a level of its own region: {by_region}.")
+
+
 def phantom_ablation(model, n: int, seed: int, log) -> str:
     per_method = {m: [] for m in METHODS}
     engine_default = []
-    times, peak_errors, confidence_hits = [], [], []
+    times, peak_errors, confidence_hits, strongest = [], [], [], []
     for case_seed, truth, maps, seconds in predicted_phantoms(model, n, seed):
         t0 = time.perf_counter()
         prepared = prepare(maps, LocateOptions(**model.locate_settings))
         times.append(seconds + time.perf_counter() - t0)
         peak_errors += level_peak_errors(maps, truth)
+        strongest += strongest_levels(maps, truth)
         for method in METHODS:
             result = solve(prepared, LocateOptions(method=method, **model.locate_settings))
             per_method[method].append(evaluate_case(result.vertebrae, truth, name=f"phantom-{case_seed}"))
@@ -96,6 +108,7 @@ def phantom_ablation(model, n: int, seed: int, log) -> str:
     within = 100 * float(np.mean(np.asarray(peak_errors) <= 10.0)) if peak_errors else float("nan")
     lines += ["", f"The network alone: a level's map peaks within 10 mm of its vertebra for {within:.1f} % of the "
               f"{len(peak_errors)} vertebrae (median distance {np.median(peak_errors):.0f} mm).",
+              "", strongest_channel_text(strongest),
               "", confidence_table(confidence_hits),
               "", f"network + preparation per phantom: median {np.median(times):.1f} s", ""]
     return "\n".join(lines)
@@ -103,6 +116,7 @@ def phantom_ablation(model, n: int, seed: int, log) -> str:
 
 def real_scans(model, out_dir: Path, log) -> str:
     lines = ["## Real scans with labels (../shared/data/realct)", "", "```"]
+    strongest = []
     for case in iter_cases(REALCT):
         if case.image is None or not case.truth:
             continue
@@ -113,12 +127,13 @@ def real_scans(model, out_dir: Path, log) -> str:
             lines.append(f"{case.name}: {exc}")
             continue
         evaluation = evaluate_case(result.vertebrae, case.truth, name=case.name)
+        strongest += strongest_levels(maps, case.truth)
         save_figure(result_figure(result, case.image, title=case.name), out_dir / f"{case.name}_qc.png")
         found = " ".join(v.label for v in result.vertebrae) or "none"
         lines.append(f"{case.name}: {evaluation.num_identified}/{evaluation.num_gt} identified "
                      f"(truth {case.truth[0].label}..{case.truth[-1].label}); predicted: {found}")
         log(lines[-1])
-    lines.append("```")
+    lines += ["```", "", strongest_channel_text(strongest)]
     return "\n".join(lines)
 
 

@@ -226,6 +226,23 @@ def test_weighted_l2_counts_the_blobs_more_than_the_background():
     assert float(weighted_l2(off, torch.zeros_like(target), 50.0)) == pytest.approx(1 / 64)
 
 
+def test_region_loss_weights_scale_their_channels_errors():
+    from VertebraIDLib.training import channel_loss_weights, weighted_l2
+
+    assert channel_loss_weights({}) is None and channel_loss_weights({"C": 1.0}) is None
+    weights = channel_loss_weights({"C": 2.0, "S": 3.0})
+    assert weights[tr.CHANNEL_OF["C4"]] == 2.0 and weights[tr.CHANNEL_OF["T4"]] == 1.0
+    assert weights[tr.CHANNEL_OF["S2"]] == 3.0 and weights[tr.CHANNEL_OF["L5"]] == 1.0
+    target = torch.zeros(1, 26, 2, 2, 2)
+    miss = torch.zeros_like(target)
+    miss[0, tr.CHANNEL_OF["C4"], 0, 0, 0] = 1.0  # one wrong voxel in a cervical channel
+    plain = float(weighted_l2(miss, target))
+    assert float(weighted_l2(miss, target, channel_weights=torch.from_numpy(weights))) == pytest.approx(2 * plain)
+    for bad in ({"X": 2.0}, {"C": 0.0}, {"C": True}):
+        with pytest.raises(VertebraIDError, match="region_loss_weights"):
+            tr.config_from_dict({"train": {"region_loss_weights": bad}})
+
+
 def test_heatmap_height_scales_targets_and_the_foreground_weight(tmp_path):
     config = tiny_config(tmp_path)
     config.model.patch_size, config.model.spacing_mm, config.model.sigma_mm = 32, 3.0, 4.0
@@ -259,12 +276,17 @@ def test_inference_divides_outputs_by_the_heatmap_height(tmp_path):
 
 
 def test_max_minutes_stops_with_a_saved_validated_model(tmp_path):
-    config = tiny_config(tmp_path / "run", epochs=50)
+    config = tiny_config(tmp_path / "run", epochs=50, balance_regions=True)
     config.train.max_minutes = 1e-4  # passes within the first epoch
-    result = tr.train(config, show_progress=False, log=lambda m: None)
+    config.train.region_loss_weights = {"C": 2.0, "S": 2.0}
+    messages = []
+    result = tr.train(config, show_progress=False, log=messages.append)
     assert result.epochs_done == 1 and len(result.history) == 1
     meta = net.load_model(result.model_path, "cpu").metadata
-    assert "id_rate" in meta["metrics"]["validation"] and "level_peak_within_10mm" in meta["metrics"]["validation"]
+    validation = meta["metrics"]["validation"]
+    assert "id_rate" in validation and "level_peak_within_10mm" in validation
+    assert 0.0 <= validation["channel_level_right"] <= 1.0 and validation["channel_region_right_C"] is None
+    assert any("strongest channel on a vertebra" in m for m in messages)
     assert meta["training"]["patches_seen"] == 2 and meta["training"]["phantoms_seen"] == 2
 
 
@@ -296,6 +318,37 @@ def test_level_peak_errors_measure_each_levels_own_map():
              Vertebra("T13", np.array([0.0, 0.0, 0.0]))]
     errors = tr.level_peak_errors(maps, truth)
     assert errors == pytest.approx([0.0, np.sqrt(3) * 20.0])  # T13 has no channel
+
+
+def test_strongest_levels_name_the_channel_that_fires_on_each_vertebra():
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    maps = Volume(np.zeros((20, 20, 20, 26), np.float32), affine)
+    maps.array[5, 5, 5, tr.CHANNEL_OF["T11"]] = 0.9  # an L1 that the T11 channel claims
+    maps.array[5, 5, 6, tr.CHANNEL_OF["L1"]] = 0.4
+    maps.array[15, 15, 15, tr.CHANNEL_OF["L2"]] = 1.0  # L2 answered by its own channel
+    maps.array[15, 15, 19, tr.CHANNEL_OF["C3"]] = 5.0  # 8 mm away: outside the 6 mm sphere
+    truth = [Vertebra("L1", np.array([10.0, 10.0, 10.0])), Vertebra("L2", np.array([30.0, 30.0, 30.0])),
+             Vertebra("T13", np.array([10.0, 10.0, 10.0])), Vertebra("S1", np.array([500.0, 0.0, 0.0]))]
+    pairs = tr.strongest_levels(maps, truth)
+    assert pairs == [("L1", "T11"), ("L2", "L2")]  # T13 has no channel; S1 lies outside the maps
+    rates = tr.strongest_channel_rates(pairs)
+    assert rates["channel_level_right"] == 0.5 and rates["channel_region_right_L"] == 0.5
+    assert rates["channel_region_right_C"] is None and tr.strongest_channel_rates([])["channel_level_right"] is None
+
+
+def test_balanced_regions_centre_patches_evenly_over_the_regions_in_view():
+    channels = np.array([tr.CHANNEL_OF[name] for name in
+                         ["T4", "T5", "T6", "T7", "T8", "T9", "T10", "T11", "T12", "L1", "L2", "S1"]])
+    def sacral_share(balanced):
+        rng = np.random.default_rng(0)
+        picks = [tr.centre_vertebra(channels, rng, balanced) for _ in range(3000)]
+        return np.mean([channels[i] == tr.CHANNEL_OF["S1"] for i in picks])
+    assert sacral_share(False) == pytest.approx(1 / 12, abs=0.02)
+    assert sacral_share(True) == pytest.approx(1 / 3, abs=0.03)  # T, L and S each a third
+    config = tr.config_from_dict({"data": {"balance_regions": True}})
+    assert config.data.balance_regions is True
+    with pytest.raises(VertebraIDError):
+        tr.config_from_dict({"data": {"balance_regions": "often"}})
 
 
 def test_blob_targets_match_render_gaussians_on_an_augmented_grid(tmp_path):

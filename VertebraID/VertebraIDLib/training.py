@@ -10,7 +10,8 @@ inference (`inference.reduce_and_window`); patches are then resampled from it.
 
 Patches and augmentation: a patch is MONAI `SpatialResample` of the case onto a random grid of
 `patch_size` voxels at the model spacing, centred on a random vertebra (+- a quarter patch)
-with probability `spine_fraction`, else anywhere in the scan. The grid carries the spatial
+with probability `spine_fraction`, else anywhere in the scan (with `balance_regions`, the
+vertebra's region C/T/L/S is drawn first, evenly among the case's). The grid carries the spatial
 augmentation: small rotations, isotropic scaling and a left-right mirror (the spine's order
 is untouched: no flips along the spine, no large rotations). The target, 26 Gaussian maps
 (sigma in mm, peak `heatmap_height`, one channel per level; T13 and L6 have none) is rendered
@@ -22,7 +23,8 @@ limited training on a GPU. Intensity augmentation (MONAI): noise, blur,
 gamma, scale and shift, a bias field, thick-slice blur — texture and contrast randomisation that keeps bone
 the brightest structure, aimed at closing the gap from phantoms to real scans.
 
-Loss: mean squared error (the paper's L2) over all voxels and channels.
+Loss: mean squared error (the paper's L2) over all voxels and channels; optionally the blobs'
+voxels weigh more (`foreground_weight`) and so may rarer regions' channels (`region_loss_weights`).
 
 Validation runs the whole chain on held-out phantoms (seeds disjoint from training):
 `inference.predict_heatmaps` -> `pipeline.locate` -> `metrics.evaluate_case`, and logs the id
@@ -53,7 +55,7 @@ from typing import Callable
 
 import numpy as np
 
-from .anatomy import LEVELS_26, NUM_CHANNELS
+from .anatomy import LEVELS_26, NUM_CHANNELS, region
 from .errors import VertebraIDError
 from .fileio import atomic_path, write_json_atomic
 from .network import NetworkConfig
@@ -88,6 +90,10 @@ class DataSection:
     folder_cases_per_epoch: int = 0
     patches_per_case: int = 4
     spine_fraction: float = 0.85
+    # Centre spine patches on a region (C, T, L, S) drawn evenly among those the case shows, then
+    # on one of its vertebrae: with every vertebra equally likely, thoracic levels fill most
+    # patches and an under-trained network answers with thoracic channels everywhere.
+    balance_regions: bool = False
 
 
 @dataclass
@@ -112,6 +118,9 @@ class TrainSection:
     # Targets are sparse blobs (a few hundred voxels of a patch per channel): with plain L2 a
     # network first learns to output zeros. Voxels weigh 1 + foreground_weight x target.
     foreground_weight: float = 0.0
+    # Loss weight of each region's channels, e.g. {C = 2.0, S = 2.0}; unnamed regions weigh 1.
+    # Per level, cervical and sacral blobs are ~4x rarer in the phantoms than thoracic ones.
+    region_loss_weights: dict = field(default_factory=dict)
     init_from: str = ""  # a model file whose weights start the training (same [model]); "" = random
     max_minutes: float = 0.0  # stop (with a saved model and a validation) after the epoch that passes this; 0 = off
 
@@ -225,6 +234,11 @@ def validate_config(config: TrainConfig) -> None:
         raise VertebraIDError(f"model.spacing_mm must be between 0.5 and 10 mm, got {m.spacing_mm}.")
     if m.patch_size < 16 or m.patch_size % net.downsampling:
         raise VertebraIDError(f"model.patch_size must be at least 16 and a multiple of {net.downsampling}, got {m.patch_size}.")
+    for name, weight in t.region_loss_weights.items():
+        if name not in ("C", "T", "L", "S") or isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+                or not math.isfinite(weight) or weight <= 0:
+            raise VertebraIDError(f"train.region_loss_weights takes regions C, T, L, S with positive numbers, "
+                                  f"got {name} = {weight!r}.")
     if t.foreground_weight < 0:
         raise VertebraIDError(f"train.foreground_weight must be >= 0, got {t.foreground_weight}.")
     if not 0 < m.heatmap_height <= 1e4:
@@ -314,12 +328,23 @@ def make_training_case(ct, truth, name: str, config: TrainConfig) -> TrainingCas
     return TrainingCase(reduced, positions, channels, name)
 
 
-def weighted_l2(prediction, target, foreground_weight: float = 0.0, heatmap_height: float = 1.0):
-    """The paper's L2 loss, optionally weighting voxels by 1 + foreground_weight x target / heatmap_height."""
+def weighted_l2(prediction, target, foreground_weight: float = 0.0, heatmap_height: float = 1.0,
+                channel_weights=None):
+    """The paper's L2 loss, optionally weighting voxels by 1 + foreground_weight x target / heatmap_height
+    and each channel by `channel_weights` (C,)."""
     squared = (prediction - target) ** 2
     if foreground_weight > 0:
         squared = squared * (1.0 + (foreground_weight / heatmap_height) * target)
+    if channel_weights is not None:
+        squared = squared * channel_weights.to(squared.device, squared.dtype).view(1, -1, *([1] * (squared.ndim - 2)))
     return squared.mean()
+
+
+def channel_loss_weights(region_weights: dict) -> np.ndarray | None:
+    """Per-channel loss weights (26,) from per-region ones; None when every region weighs 1."""
+    if not region_weights or all(float(w) == 1.0 for w in region_weights.values()):
+        return None
+    return np.array([float(region_weights.get(region(name), 1.0)) for name in LEVELS_26], np.float32)
 
 
 def phantom_case(seed: int, config: TrainConfig, options: dict | None = None) -> TrainingCase:
@@ -405,6 +430,15 @@ def render_blob_targets(blobs, patch_size: int, heatmap_height: float):
     return target
 
 
+def centre_vertebra(channels: np.ndarray, rng: np.random.Generator, balance_regions: bool) -> int:
+    """Index of the vertebra a spine patch is centred on: uniform, or uniform over regions first."""
+    if not balance_regions:
+        return int(rng.integers(len(channels)))
+    regions = np.array([region(LEVELS_26[c]) for c in channels])
+    present = np.unique(regions)
+    return int(rng.choice(np.flatnonzero(regions == present[rng.integers(len(present))])))
+
+
 def sample_patch(case: TrainingCase, config: TrainConfig, rng: np.random.Generator, intensity=None,
                  augment: bool = True):
     """(image (1, P, P, P), target (26, P, P, P), patch affine) as float32 arrays."""
@@ -425,7 +459,8 @@ def sample_patch_blobs(case: TrainingCase, config: TrainConfig, rng: np.random.G
     a = config.augment
     extent = size * spacing
     if len(case.positions) and rng.random() < config.data.spine_fraction:
-        centre = case.positions[rng.integers(len(case.positions))] + rng.uniform(-0.25, 0.25, 3) * extent
+        centre = case.positions[centre_vertebra(case.channels, rng, config.data.balance_regions)]
+        centre = centre + rng.uniform(-0.25, 0.25, 3) * extent
     else:
         corners = case.image.corners_world()
         centre = rng.uniform(corners.min(0), corners.max(0))
@@ -625,6 +660,43 @@ def level_peak_errors(heatmaps, truth) -> list[float]:
     return errors
 
 
+def strongest_levels(heatmaps, truth, radius_mm: float = 6.0) -> list[tuple[str, str]]:
+    """(true level, level whose map is highest within `radius_mm` of its centre) per vertebra in view.
+
+    The network alone, before any optimiser: whether a vertebra's own channel is the one that
+    fires on it, or which region's channels do instead.
+    """
+    spacing = heatmaps.spacing
+    out = []
+    for v in truth:
+        if v.label not in CHANNEL_OF or not np.all(np.isfinite(v.position)):
+            continue
+        ijk = heatmaps.world_to_voxel(np.asarray(v.position, float)[None])[0]
+        reach = radius_mm / spacing
+        lo = np.maximum(np.ceil(ijk - reach).astype(int), 0)
+        hi = np.minimum(np.floor(ijk + reach).astype(int), np.array(heatmaps.shape3) - 1)
+        if np.any(hi < lo):
+            continue
+        grids = np.meshgrid(*(np.arange(lo[a], hi[a] + 1) for a in range(3)), indexing="ij")
+        offsets = np.stack([g - ijk[a] for a, g in enumerate(grids)], axis=-1) * spacing
+        inside = np.linalg.norm(offsets, axis=-1) <= radius_mm
+        if not inside.any():
+            continue
+        box = heatmaps.array[lo[0]: hi[0] + 1, lo[1]: hi[1] + 1, lo[2]: hi[2] + 1]
+        out.append((v.label, LEVELS_26[int(np.argmax(box[inside].max(axis=0)))]))
+    return out
+
+
+def strongest_channel_rates(pairs: list[tuple[str, str]]) -> dict:
+    """From `strongest_levels`: the share whose strongest channel is their own level, and per
+    true region the share whose strongest channel lies in that region (None where none)."""
+    rates = {"channel_level_right": float(np.mean([t == s for t, s in pairs])) if pairs else None}
+    for name in ("C", "T", "L", "S"):
+        hits = [region(s) == name for t, s in pairs if region(t) == name]
+        rates[f"channel_region_right_{name}"] = float(np.mean(hits)) if hits else None
+    return rates
+
+
 def validate(network, metadata: dict, cases, config: TrainConfig, device) -> dict:
     """Id rate through the whole pipeline: network -> locate -> metrics."""
     from .metrics import evaluate_case, summarize
@@ -636,11 +708,12 @@ def validate(network, metadata: dict, cases, config: TrainConfig, device) -> dic
     was_training = module.training
     model = Model(module.eval(), metadata, device, None, config.network_config)
     options = LocateOptions(method=config.validation.method, sigma_mm=config.model.sigma_mm)
-    evaluations, peak_errors = [], []
+    evaluations, peak_errors, strongest = [], [], []
     t0 = time.perf_counter()
     for name, ct, truth in cases:
         heatmaps = predict_heatmaps(ct, model, str(device))
         peak_errors += level_peak_errors(heatmaps, truth)
+        strongest += strongest_levels(heatmaps, truth)
         result = locate(heatmaps, options)
         evaluations.append(evaluate_case(result.vertebrae, truth, name=name))
     module.train(was_training)
@@ -654,6 +727,8 @@ def validate(network, metadata: dict, cases, config: TrainConfig, device) -> dic
         "num_vertebrae": overall.num_gt,
         # the network alone: how often a level's map peaks within 10 mm of that vertebra
         "level_peak_within_10mm": float(np.mean(np.asarray(peak_errors) <= 10.0)) if peak_errors else None,
+        # which channel fires on each vertebra (its own level? its own region?)
+        **strongest_channel_rates(strongest),
         "seconds": time.perf_counter() - t0,
     }
 
@@ -708,7 +783,9 @@ def train_step(model, optimizer, scaler, image, blobs, config: TrainConfig, devi
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
         prediction = model(image)
-    loss = weighted_l2(prediction.float(), target, config.train.foreground_weight, config.model.heatmap_height)
+    weights = channel_loss_weights(config.train.region_loss_weights)
+    loss = weighted_l2(prediction.float(), target, config.train.foreground_weight, config.model.heatmap_height,
+                       None if weights is None else torch.from_numpy(weights))
     if scaler is not None and amp:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -873,6 +950,11 @@ def train(config: TrainConfig | PathLike, resume: bool = False, progress: Callab
                     message += f", validation id rate {100 * val['id_rate']:.1f} %"
                 if val.get("level_peak_within_10mm") is not None:
                     message += f", level peaks within 10 mm {100 * val['level_peak_within_10mm']:.1f} %"
+                if val.get("channel_level_right") is not None:
+                    by_region = " / ".join(f"{r} {100 * val[f'channel_region_right_{r}']:.0f}"
+                                           for r in "CTLS" if val.get(f"channel_region_right_{r}") is not None)
+                    message += (f", strongest channel on a vertebra: its level {100 * val['channel_level_right']:.1f} %, "
+                                f"its region {by_region} %")
                 log(message)
             if world > 1:
                 dist.barrier()
