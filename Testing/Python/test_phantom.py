@@ -63,6 +63,22 @@ def test_truth_is_the_centre_of_the_rendered_body(clean):
         assert clean.mask.array[_voxel(clean.mask, v.position)] == VERSE_IDS[v.label]
 
 
+def test_c2_truth_is_the_centroid_of_its_body_and_dens():
+    """C2 is annotated with its dens (as in VerSe / VID), so its truth sits above the body's centre,
+    and the C2 -> C3 distance is near the measured typical gap rather than 0.6-0.77 of it."""
+    from VertebraIDLib.anatomy import TYPICAL_GAP_MM
+
+    p = generate_phantom(5, levels="C1..C5", cut=False, spacing=1.0, matrix=120, noise_hu=0, blur_mm=0,
+                         pathologies=[], with_body_mask=True, transitional="none")
+    truth = {v.label: v.position for v in p.truth}
+    body = p.body_mask.voxel_to_world(np.argwhere(p.body_mask.array == LABEL_IDS["C2"]).mean(0))
+    up = truth["C2"] - truth["C3"]
+    lift = float(np.dot(truth["C2"] - body, up / np.linalg.norm(up)))
+    assert 2.5 < lift < 5.5
+    assert p.mask.array[_voxel(p.mask, truth["C2"])] == VERSE_IDS["C2"]
+    assert 0.78 < np.linalg.norm(up) / TYPICAL_GAP_MM["C2"] < 1.0
+
+
 def test_bone_and_soft_tissue_hu_are_realistic(clean):
     ct = clean.ct.array.astype(float)
     def block(v):  # mean of 5x5x5 voxels around the centre (the trabecular texture averages out)

@@ -1,5 +1,5 @@
 """One phantom: draw a patient and a scan from the seed, build the anatomy, render, and return
-the CT with its label mask and ground truth (exactly the rendered body centres)."""
+the CT with its label mask and ground truth (the rendered body centres; C2's with its dens)."""
 from __future__ import annotations
 
 import time
@@ -449,14 +449,15 @@ def generate_phantom(seed: int, options: PhantomOptions | None = None, **kwargs)
         arrays["body"] = body_mask
     arrays, affine = _reorient(arrays, affine, orientation)
 
-    # ---- ground truth: body centres inside the image (patient -> grid -> world)
+    # ---- ground truth: body centres inside the image (patient -> grid -> world); C2's includes the dens
     ct_vol = Volume(arrays["ct"], affine)
     truth = []
     partial = []
     for seg in spine_g.segments:
         if seg.name not in LABEL_IDS:
             continue
-        world = to_world[:3, :3] @ seg.centre + to_world[:3, 3]
+        centre = seg.to_patient(sk.c2_centre_offset(seg)) if seg.name == "C2" else seg.centre
+        world = to_world[:3, :3] @ centre + to_world[:3, 3]
         ijk = ct_vol.world_to_voxel(world)
         inside = bool(np.all(ijk >= -0.5) and np.all(ijk <= np.array(ct_vol.shape3) - 0.5))
         lo, hi = cond.body_extent_along(seg, axis)

@@ -169,6 +169,32 @@ def _posterior_elements(seg: Segment, y_wall: float, options) -> list:
     return parts
 
 
+def _dens(seg: Segment, offset: float) -> Capsule:
+    """C2's odontoid process, rising ~15 mm above the body (local frame)."""
+    top = seg.dims.height / 2
+    return Capsule([0, 1.0 - offset, top - 3], [0, 1.5 - offset, top + 15.0], (5.0, 5.0), (4.0, 4.0), None, 0.9)
+
+
+def c2_centre_offset(seg: Segment, step_mm: float = 0.5) -> np.ndarray:
+    """Local offset of the centroid of C2's body and dens from the body centre.
+
+    Annotations place C2 there rather than at the body's own centre (in VID's ground truth the
+    C2 -> C3 distance is 24 mm against 17-18 mm between the cervical bodies below), so the
+    phantoms' C2 truth follows them.
+    """
+    body, offset = _body(seg)
+    parts = [body, _dens(seg, offset)]
+    boxes = [part.bbox() for part in parts]
+    lo = np.min([b[0] for b in boxes], axis=0)
+    hi = np.max([b[1] for b in boxes], axis=0)
+    axes = [np.arange(lo[a], hi[a] + step_mm, step_mm, dtype=np.float32) for a in range(3)]
+    X, Y, Z = np.meshgrid(*axes, indexing="ij")
+    inside = np.zeros(X.shape, bool)
+    for part in parts:
+        inside |= part.sdf(X, Y, Z) <= 0
+    return np.array([X[inside].mean(), Y[inside].mean(), Z[inside].mean()], float)
+
+
 def vertebra_solid(seg: Segment, density: BoneDensity, options) -> Solid:
     """A C2..L6 vertebra (body first) with its VerSe label."""
     body, offset = _body(seg)
@@ -176,7 +202,7 @@ def vertebra_solid(seg: Segment, density: BoneDensity, options) -> Solid:
     parts = [body] + _posterior_elements(seg, y_wall, options)
     if seg.name == "C2":
         top = seg.dims.height / 2
-        parts.append(Capsule([0, 1.0 - offset, top - 3], [0, 1.5 - offset, top + 15.0], (5.0, 5.0), (4.0, 4.0), None, 0.9))
+        parts.append(_dens(seg, offset))
         for side in (-1.0, 1.0):  # superior facets bearing C1's lateral masses
             parts.append(Ellipsoid([side * 12.5, -2.0 - offset, top - 2], np.eye(3), (6.0, 7.0, 4.0), shell=0.9))
     core = density.cancellous
