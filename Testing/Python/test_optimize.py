@@ -184,6 +184,28 @@ def test_two_fixed_consecutive_levels_may_be_closer_than_the_gap_bound():
     assert not exempt.gap_allowed()[labels.index("T10"), 6 - exempt.gap_min]  # only the fixed pair is exempt
 
 
+def test_two_fixed_consecutive_levels_may_be_closer_than_the_hard_gap_limit():
+    # C1 fixed beyond the traced centreline's top end lands on its first sample, 8 mm above the
+    # fixed C2: below the 10 mm that bounds every gap. The pair is still kept; other gaps are not freed.
+    labels = LabelSet.standard()
+    c1, c2, c3 = labels.index("C1"), labels.index("C2"), labels.index("C3")
+    signal = _peaks_signal(60, {0: 0, 1: 4, 2: 14, 3: 22})
+    params = EnergyParams(gap_fraction_min=0.05)  # fractions alone would allow 2-sample gaps
+    model = build_energy(signal, labels, 2.0, params)
+    fixed = [FixedLevel(c1, 0), FixedLevel(c2, 4)]
+    with pytest.raises(InconsistentFixedPoints):
+        solve_exact(model, fixed)
+    exempt = exempt_fixed_gaps(model, fixed)
+    chain = solve_exact(exempt, fixed)
+    assert chain.levels[:3] == [c1, c2, c3] and chain.positions[:3] == [0, 4, 14]
+    assert marginals(exempt, fixed)[c2, 4] == pytest.approx(1.0, abs=1e-6)
+    allowed = exempt.gap_allowed()
+    assert allowed[c1, 4 - exempt.gap_min] and not allowed[c2, 4 - exempt.gap_min]
+    assert not allowed[:, : model.gap_min - exempt.gap_min][np.arange(len(labels)) != c1].any()
+    assert np.isfinite(exempt.chain_energy([c1, c2, c3], [0, 4, 14]))
+    assert not np.isfinite(exempt.chain_energy([c2, c3], [4, 8]))  # 8 mm for C2-C3: still refused
+
+
 def test_the_gap_bound_is_lowered_just_enough_for_fixed_points():
     labels = LabelSet.standard()
     t5, t7 = labels.index("T5"), labels.index("T7")

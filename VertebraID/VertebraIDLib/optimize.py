@@ -91,7 +91,9 @@ class EnergyModel:
         typical = np.array([typical_gap_mm(name) for name in self.labels.levels])
         lo = self.params.gap_fraction_min * typical
         hi = self.params.gap_fraction_max * typical
-        allowed = (g[None, :] >= lo[:, None]) & (g[None, :] <= hi[:, None])
+        absolute_min, absolute_max = gap_index_range(self.params, self.step_mm)
+        within = (self.gaps >= absolute_min) & (self.gaps <= absolute_max)  # the range may hold exempt gaps
+        allowed = (g[None, :] >= lo[:, None]) & (g[None, :] <= hi[:, None]) & within[None, :]
         for level, gap in self.exempt_gaps:
             if self.gap_min <= gap <= self.gap_max:
                 allowed[level, gap - self.gap_min] = True
@@ -155,9 +157,14 @@ def build_energy(
             q = signals[:, c]
             extra = 0.0
         unary[i] = -params.evidence_weight * labels.weight(name) * (q - params.floor) + extra
-    gap_min = max(1, int(np.ceil(params.gap_min_mm / step_mm)))
-    gap_max = max(gap_min + 1, int(np.floor(params.gap_max_mm / step_mm)))
+    gap_min, gap_max = gap_index_range(params, step_mm)
     return EnergyModel(unary, labels, gap_min, gap_max, params, step_mm)
+
+
+def gap_index_range(params: EnergyParams, step_mm: float) -> tuple[int, int]:
+    """The hard gap bounds [gap_min_mm, gap_max_mm] in samples."""
+    gap_min = max(1, int(np.ceil(params.gap_min_mm / step_mm)))
+    return gap_min, max(gap_min + 1, int(np.floor(params.gap_max_mm / step_mm)))
 
 
 # --------------------------------------------------------------------------- constraints
@@ -183,7 +190,13 @@ def exempt_fixed_gaps(model: EnergyModel, fixed: list[FixedLevel]) -> EnergyMode
         for a, b in zip(by_level, by_level[1:])
         if b.level in model.labels.successors(a.level) and b.position > a.position
     }
-    return replace(model, exempt_gaps=frozenset(exempt)) if exempt else model
+    if not exempt:
+        return model
+    # Even below the hard bound (a point on a vertebra the centreline's end cuts short, say):
+    # the gap index widens to hold them, and every other gap keeps the bound (gap_allowed).
+    gaps = [gap for _, gap in exempt]
+    return replace(model, exempt_gaps=frozenset(exempt), gap_min=min(model.gap_min, *gaps),
+                   gap_max=max(model.gap_max, *gaps))
 
 
 def gap_fraction_fitting(fixed: list[FixedLevel], labels: LabelSet, step_mm: float, fraction: float) -> float | None:

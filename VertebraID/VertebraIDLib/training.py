@@ -28,7 +28,8 @@ voxels weigh more (`foreground_weight`) and so may rarer regions' channels (`reg
 
 Validation runs the whole chain on held-out phantoms (seeds disjoint from training):
 `inference.predict_heatmaps` -> `pipeline.locate` -> `metrics.evaluate_case`, and logs the id
-rate (not only the loss). TensorBoard logs go to `<output>/tensorboard`.
+rate (not only the loss) and, for the network alone, which channel fires on each vertebra (its
+own level? a level of its region C/T/L/S?). TensorBoard logs go to `<output>/tensorboard`.
 
 Checkpoints: after every epoch, `<output>/checkpoints/epoch-NNNN.safetensors` (weights and
 optimiser tensors) and `.json` (epoch, step, non-tensor optimiser state, history, the
