@@ -287,6 +287,8 @@ def test_max_minutes_stops_with_a_saved_validated_model(tmp_path):
     assert "id_rate" in validation and "level_peak_within_10mm" in validation
     assert 0.0 <= validation["channel_level_right"] <= 1.0 and validation["channel_region_right_C"] is None
     assert any("strongest channel on a vertebra" in m for m in messages)
+    assert meta["training"]["balance_regions"] is True
+    assert meta["training"]["train"]["region_loss_weights"] == {"C": 2.0, "S": 2.0}
     assert meta["training"]["patches_seen"] == 2 and meta["training"]["phantoms_seen"] == 2
 
 

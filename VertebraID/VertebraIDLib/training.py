@@ -1001,6 +1001,8 @@ def _training_description(config: TrainConfig, epochs: int, steps: int, history:
         "folders": d.folders,
         "folder_cases_per_epoch": d.folder_cases_per_epoch,
         "patches_per_case": d.patches_per_case,
+        "spine_fraction": d.spine_fraction,
+        "balance_regions": d.balance_regions,
         "augment": asdict(config.augment),
         "train": asdict(config.train),
         "validation": {k: v for k, v in asdict(config.validation).items()},
