@@ -204,6 +204,9 @@ def test_two_fixed_consecutive_levels_may_be_closer_than_the_hard_gap_limit():
     assert not allowed[:, : model.gap_min - exempt.gap_min][np.arange(len(labels)) != c1].any()
     assert np.isfinite(exempt.chain_energy([c1, c2, c3], [0, 4, 14]))
     assert not np.isfinite(exempt.chain_energy([c2, c3], [4, 8]))  # 8 mm for C2-C3: still refused
+    far = [FixedLevel(c1, 0), FixedLevel(c2, model.gap_max + 1)]  # beyond the 90 mm limit: refused
+    with pytest.raises(InconsistentFixedPoints):
+        solve_exact(exempt_fixed_gaps(build_energy(_peaks_signal(60, {}), labels, 2.0, params), far), far)
 
 
 def test_the_gap_bound_is_lowered_just_enough_for_fixed_points():

@@ -192,11 +192,10 @@ def exempt_fixed_gaps(model: EnergyModel, fixed: list[FixedLevel]) -> EnergyMode
     }
     if not exempt:
         return model
-    # Even below the hard bound (a point on a vertebra the centreline's end cuts short, say):
-    # the gap index widens to hold them, and every other gap keeps the bound (gap_allowed).
-    gaps = [gap for _, gap in exempt]
-    return replace(model, exempt_gaps=frozenset(exempt), gap_min=min(model.gap_min, *gaps),
-                   gap_max=max(model.gap_max, *gaps))
+    # Even below the hard lower bound (a point on a vertebra the centreline's end cuts short, say)
+    # the gap index widens to hold them; every other gap keeps the bound (gap_allowed). Above the
+    # hard upper bound no two consecutive vertebrae lie: such points are refused, not exempted.
+    return replace(model, exempt_gaps=frozenset(exempt), gap_min=min(model.gap_min, *(g for _, g in exempt)))
 
 
 def gap_fraction_fitting(fixed: list[FixedLevel], labels: LabelSet, step_mm: float, fraction: float) -> float | None:
