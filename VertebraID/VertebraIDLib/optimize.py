@@ -11,7 +11,7 @@ of blob height (rectify.py), α scales it against R, and evidence below the floo
 instead of rewarding, so chains do not grow into empty stretches or noise. Gaps between
 consecutive centres are bounded to [gap_min_mm, gap_max_mm]: a hard anatomical limit that
 every method shares, so energies are comparable. The gap between two consecutive levels that a
-user fixed is exempt from the bounds (`exempt_fixed_gaps`): the user's points win.
+user fixed is exempt from the bounds below 90 mm (`exempt_fixed_gaps`): the user's points win.
 
 Solvers:
 - `solve_exact`: dynamic programming over (level, position, previous gap): the global minimum.
