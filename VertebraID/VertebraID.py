@@ -115,7 +115,9 @@ Finds and names every vertebra (C1..S2) in a CT scan, after Wang et al., CVPR 20
 maps, the spine centreline, the straightened spine, 1-D signals and an anatomically constrained
 optimiser. <b>Detect vertebrae</b> puts each run's results in its own folder: the labelled points
 ("Vertebrae"), the centreline, the combined activation map as an overlay, the straightened CT and
-maps, and the 1-D signals as a table and a plot.<br>
+maps, and the 1-D signals as a table and a plot. When the model has a level labeller (the bundled
+one does), it reads the straightened CT along the whole spine and adds its evidence of which
+level is where to those signals.<br>
 <b>Correct and re-label</b>: move, rename, add, delete or lock points in "Vertebrae", then click
 <b>Re-label</b>. Locked points, and points you moved, renamed or added, are kept exactly as they
 are and fix their level; every other label is solved again around them (and edited points are
@@ -151,6 +153,7 @@ class Evidence:
     sigma_mm: float | None = None  # the blobs' width when the source knows it
     level_specific: bool = True  # False: evidence names regions only, so the anchor weights are off
     locate_settings: dict = field(default_factory=dict)  # LocateOptions fields the source sets (a model's α, floor...)
+    level_evidence: object = None  # the model's level labeller (pipeline.LevelEvidence), if it has one
 
 
 class NetworkHeatmapSource:
@@ -192,9 +195,12 @@ class NetworkHeatmapSource:
         model = inference.load_model(self.model_path, self.device)
         heatmaps = inference.predict_heatmaps(ct, model, self.device, progress)
         description = f"network model {self.model_path.name}"
+        if model.labeller is not None:
+            description += " with its level labeller"
         if model.metadata.get("status"):  # e.g. a research preview: the user sees it beside the labels
             description += f" ({model.metadata['status']})"
-        return Evidence(heatmaps, None, description, model.sigma_mm, locate_settings=model.locate_settings)
+        return Evidence(heatmaps, None, description, model.sigma_mm, locate_settings=model.locate_settings,
+                        level_evidence=inference.level_evidence(ct, model))
 
 
 class PointsHeatmapSource:
@@ -637,7 +643,8 @@ class VertebraIDLogic(ScriptedLoadableModuleLogic):
         settings = {"sigma_mm": evidence.sigma_mm} if evidence.sigma_mm is not None else {}
         settings.update(evidence.locate_settings)  # a model's own settings (σ included) win
         options = dataclasses.replace(options, weighted=options.weighted and evidence.level_specific, **settings)
-        result = pipeline.locate(evidence.heatmaps, options, combined=evidence.combined, progress=_scaled(progress, 0.5, 0.9))
+        result = pipeline.locate(evidence.heatmaps, options, combined=evidence.combined,
+                                 progress=_scaled(progress, 0.5, 0.9), level_evidence=evidence.level_evidence)
         timings["pipeline"] = time.perf_counter() - t0
         if result.prepared.centerline is None or not result.vertebrae:
             raise VertebraIDError(
@@ -678,6 +685,8 @@ class VertebraIDLogic(ScriptedLoadableModuleLogic):
             "energy": float(result.energy),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
+        if rect.level_signals is not None:  # Re-label needs them and has no CT or labeller at hand
+            run_info["level_signals"] = np.round(rect.level_signals, 4).tolist()
         folder = mrml.create_folder(scene, folder_name, {mrml.ATTR_RUN: json.dumps(run_info)})
         nodes: dict = {}
 
@@ -759,7 +768,15 @@ class VertebraIDLogic(ScriptedLoadableModuleLogic):
         combined_node = nodes.get(mrml.ROLE_COMBINED)
         combined = mrml.volume_from_node(combined_node) if combined_node is not None else None
         options = self._options_of(run)
-        prepared = pipeline.prepare(heatmaps, options, combined=combined)
+        stored = self.run_info(run).get("level_signals")
+        level_evidence = None if stored is None else (lambda line: stored)
+        try:
+            prepared = pipeline.prepare(heatmaps, options, combined=combined, level_evidence=level_evidence)
+        except VertebraIDError:
+            if stored is None:
+                raise
+            raise VertebraIDError("This run's stored level evidence no longer fits its activation maps; "
+                                  "run Detect again.") from None
         if prepared.rectified is None:
             raise VertebraIDError("No spine is found in this run's stored activation maps; run Detect again.")
         self._prepared[run] = (prepared, options)

@@ -81,6 +81,16 @@ class VertebraIDTrainLogic(ScriptedLoadableModuleLogic):
         training.validate_config(config)
         return training.train(config, resume=resume, progress=progress, show_progress=not HAVE_SLICER_APP)
 
+    def train_labeller(self, model_path, samples, phantoms: int = 2000, minutes: float = 30.0, attach: bool = False,
+                       log=print):
+        """Train the level labeller for a heatmap model (`labeller.train_for_model`); returns its path."""
+        missing = self.missing_packages()
+        if missing:
+            raise VertebraIDError(f"Training needs {', '.join(missing)}; install them first (pip_install in Slicer).")
+        from VertebraIDLib.labeller import train_for_model
+
+        return train_for_model(model_path, samples, phantoms, minutes, attach=attach, log=log)[0]
+
 
 def main(argv: list[str]) -> int:
     import argparse

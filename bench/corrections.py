@@ -25,7 +25,7 @@ from network_eval import REALCT, predicted_phantoms
 from VertebraIDLib.anatomy import LabelSet
 from VertebraIDLib.datasets import iter_cases
 from VertebraIDLib.fileio import write_text_atomic
-from VertebraIDLib.inference import load_model, predict_heatmaps
+from VertebraIDLib.inference import level_evidence, load_model, predict_heatmaps
 from VertebraIDLib.metrics import DEFAULT_MAX_DIST_MM, evaluate_case, summarize
 from VertebraIDLib.pipeline import Constraint, LocateOptions, prepare, solve
 
@@ -88,8 +88,8 @@ def main(argv=None) -> int:
     rounds = args.corrections
 
     phantom_rounds = []
-    for case_seed, truth, maps, _ in predicted_phantoms(model, args.phantoms, args.seed):
-        prepared = prepare(maps, options)
+    for case_seed, truth, maps, _, evidence in predicted_phantoms(model, args.phantoms, args.seed):
+        prepared = prepare(maps, options, level_evidence=evidence)
         phantom_rounds.append(correction_rounds(prepared, truth, options, rounds, solve(prepared, options).vertebrae))
         print(f"phantom {case_seed}: " + " -> ".join(str(e.num_identified) for e in phantom_rounds[-1])
               + f" of {phantom_rounds[-1][0].num_gt}", flush=True)
@@ -98,7 +98,8 @@ def main(argv=None) -> int:
     for case in iter_cases(REALCT):
         if case.image is None or not case.truth:
             continue
-        prepared = prepare(predict_heatmaps(case.image, model, "cpu"), options)
+        prepared = prepare(predict_heatmaps(case.image, model, "cpu"), options,
+                           level_evidence=level_evidence(case.image, model))
         automatic = solve(prepared, options).vertebrae
         evaluations = correction_rounds(prepared, case.truth, options, rounds, automatic)
         real_rounds.append(evaluations)

@@ -4,7 +4,8 @@
 
 Phantoms use seeds far from training (training draws from its phantom_seed upwards, validation
 from 1,000,000) and random anatomy, pathology and geometry. For each phantom the network's maps
-are prepared once and labelled by every method (base, rect, order, paper, exact). Then every
+are prepared once (with the model's level labeller when it has one) and labelled by every
+method (base, rect, order, paper, exact), and by exact on the maps alone. Then every
 case of ../shared/data/realct that has labels is run through `detect`'s path, scored, and a QC
 picture is written. Identification: SpineWeb definition.
 """
@@ -19,7 +20,7 @@ import numpy as np
 from VertebraIDLib.datasets import iter_cases
 from VertebraIDLib.errors import VertebraIDError
 from VertebraIDLib.fileio import write_text_atomic
-from VertebraIDLib.inference import load_model, predict_heatmaps
+from VertebraIDLib.inference import level_evidence, load_model, predict_heatmaps
 from VertebraIDLib.metrics import evaluate_case, summarize
 from VertebraIDLib.phantom import generate_phantom
 from VertebraIDLib.optimize import EnergyParams
@@ -32,12 +33,26 @@ REALCT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "realc
 
 
 def predicted_phantoms(model, n: int, seed: int):
-    """(seed, truth, maps, seconds) for phantoms seed..seed+n-1 (2.5 mm, all else drawn from the seed)."""
+    """(seed, truth, maps, seconds, level evidence or None) for phantoms seed..seed+n-1
+    (2.5 mm, all else drawn from the seed)."""
     for i in range(n):
         phantom = generate_phantom(seed + i, spacing=2.5)
         t0 = time.perf_counter()
         maps = predict_heatmaps(phantom.ct, model, "cpu")
-        yield seed + i, phantom.truth, maps, time.perf_counter() - t0
+        yield seed + i, phantom.truth, maps, time.perf_counter() - t0, level_evidence(phantom.ct, model)
+
+
+def maps_only(prepared, options):
+    """The exact method on the heatmap network's signals alone (the labeller's set aside)."""
+    rect = prepared.rectified
+    kept = None if rect is None else rect.level_signals
+    if rect is not None:
+        rect.level_signals = None
+    try:
+        return solve(prepared, options)
+    finally:
+        if rect is not None:
+            rect.level_signals = kept
 
 
 def confidence_outcomes(vertebrae, evaluation) -> list[tuple[float, bool]]:
@@ -69,11 +84,13 @@ def strongest_channel_text(pairs) -> str:
 
 def phantom_ablation(model, n: int, seed: int, log) -> str:
     per_method = {m: [] for m in METHODS}
+    if model.labeller is not None:
+        per_method["exact, maps only"] = []
     engine_default = []
     times, peak_errors, confidence_hits, strongest = [], [], [], []
-    for case_seed, truth, maps, seconds in predicted_phantoms(model, n, seed):
+    for case_seed, truth, maps, seconds, evidence in predicted_phantoms(model, n, seed):
         t0 = time.perf_counter()
-        prepared = prepare(maps, LocateOptions(**model.locate_settings))
+        prepared = prepare(maps, LocateOptions(**model.locate_settings), level_evidence=evidence)
         times.append(seconds + time.perf_counter() - t0)
         peak_errors += level_peak_errors(maps, truth)
         strongest += strongest_levels(maps, truth)
@@ -82,11 +99,15 @@ def phantom_ablation(model, n: int, seed: int, log) -> str:
             per_method[method].append(evaluate_case(result.vertebrae, truth, name=f"phantom-{case_seed}"))
             if method == "exact":
                 confidence_hits += confidence_outcomes(result.vertebrae, per_method[method][-1])
-        default = locate(maps, LocateOptions(sigma_mm=model.sigma_mm))
+        if model.labeller is not None:
+            alone = maps_only(prepared, LocateOptions(**model.locate_settings))
+            per_method["exact, maps only"].append(evaluate_case(alone.vertebrae, truth, name=f"phantom-{case_seed}"))
+        default = locate(maps, LocateOptions(sigma_mm=model.sigma_mm), level_evidence=evidence)
         engine_default.append(evaluate_case(default.vertebrae, truth, name=f"phantom-{case_seed}"))
         exact = per_method["exact"][-1]
         log(f"phantom {case_seed}: {exact.num_identified}/{exact.num_gt} identified (exact)")
-    lines = [f"## {n} held-out phantoms (seeds {seed}..{seed + n - 1}), maps predicted by the model", ""]
+    labeller = " and its level labeller" if model.labeller is not None else ""
+    lines = [f"## {n} held-out phantoms (seeds {seed}..{seed + n - 1}), maps predicted by the model{labeller}", ""]
     lines.append("| method | C | T | L | S | all | error (mm) | scans all correct |")
     lines.append("|---|---|---|---|---|---|---|---|")
     for method, cases in per_method.items():
@@ -116,24 +137,33 @@ def phantom_ablation(model, n: int, seed: int, log) -> str:
 
 def real_scans(model, out_dir: Path, log) -> str:
     lines = ["## Real scans with labels (../shared/data/realct)", "", "```"]
-    strongest = []
+    strongest, totals = [], [0, 0, 0]
     for case in iter_cases(REALCT):
         if case.image is None or not case.truth:
             continue
         try:
             maps = predict_heatmaps(case.image, model, "cpu")
-            result = locate(maps, LocateOptions(**model.locate_settings))
+            result = locate(maps, LocateOptions(**model.locate_settings),
+                            level_evidence=level_evidence(case.image, model))
         except VertebraIDError as exc:
             lines.append(f"{case.name}: {exc}")
             continue
         evaluation = evaluate_case(result.vertebrae, case.truth, name=case.name)
+        if model.labeller is not None:
+            alone = evaluate_case(maps_only(result.prepared, LocateOptions(**model.locate_settings)).vertebrae,
+                                  case.truth)
+            totals = [t + x for t, x in zip(totals, (evaluation.num_identified, alone.num_identified, evaluation.num_gt))]
         strongest += strongest_levels(maps, case.truth)
         save_figure(result_figure(result, case.image, title=case.name), out_dir / f"{case.name}_qc.png")
         found = " ".join(v.label for v in result.vertebrae) or "none"
         lines.append(f"{case.name}: {evaluation.num_identified}/{evaluation.num_gt} identified "
                      f"(truth {case.truth[0].label}..{case.truth[-1].label}); predicted: {found}")
         log(lines[-1])
-    lines += ["```", "", strongest_channel_text(strongest)]
+    lines += ["```", ""]
+    if model.labeller is not None:
+        lines += [f"With the level labeller {totals[0]} of {totals[2]} identified; exact on the maps alone "
+                  f"{totals[1]} of {totals[2]}.", ""]
+    lines += [strongest_channel_text(strongest)]
     return "\n".join(lines)
 
 

@@ -37,21 +37,22 @@ THRESHOLDS = (0.5, 0.2, 0.1, 0.05)
 WEIGHTS = (20.0, 80.0, 320.0, 1280.0, 5120.0)
 FLOORS = (0.1, 0.02, 0.0)
 GAP_FRACTIONS = (0.5, 0.6, 0.7, 0.8)  # shortest gap / the level's typical gap (engine default first)
-TEMPERATURES = (2.0, 8.0, 32.0, 128.0, 512.0)
+TEMPERATURES = (2.0, 8.0, 32.0, 128.0, 512.0, 2048.0, 8192.0)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--phantoms", type=int, default=24)
+    parser.add_argument("--phantoms", type=int, default=60)
     parser.add_argument("--seed", type=int, default=1_000_000, help="first validation seed (default: training's)")
     parser.add_argument("--write", action="store_true", help="store the chosen settings in the model's .json")
     parser.add_argument("--out", type=Path, default=Path("bench/results/network/tune_engine.md"))
     args = parser.parse_args(argv)
     model = load_model(args.model, "cpu")
     cases = []  # (truth, {threshold: prepared}); the maps themselves are not kept
-    for case_seed, truth, maps, seconds in predicted_phantoms(model, args.phantoms, args.seed):
-        cases.append((truth, {t: prepare(maps, LocateOptions(sigma_mm=model.sigma_mm, threshold=t)) for t in THRESHOLDS}))
+    for case_seed, truth, maps, seconds, evidence in predicted_phantoms(model, args.phantoms, args.seed):
+        cases.append((truth, {t: prepare(maps, LocateOptions(sigma_mm=model.sigma_mm, threshold=t), level_evidence=evidence)
+                              for t in THRESHOLDS}))
         print(f"phantom {case_seed}: maps in {seconds:.1f} s", flush=True)
 
     rates = {}

@@ -27,7 +27,7 @@ def bundled():
 
 
 def test_bundled_model_is_small_checked_and_documented(bundled):
-    assert bundled.stat().st_size <= MAX_MODEL_MB * 1e6
+    assert sum(f.stat().st_size for f in bundled.parent.glob("*.safetensors")) <= MAX_MODEL_MB * 1e6  # both networks
     model = net.load_model(None, "cpu")  # the default: verifies the checksum before reading weights
     assert model.path == bundled
     assert model.metadata["labels"][0] == "C1" and model.metadata["labels"][-1] == "S2"
@@ -35,6 +35,8 @@ def test_bundled_model_is_small_checked_and_documented(bundled):
     assert settings["sigma_mm"] == model.sigma_mm
     options = LocateOptions(**settings)  # the metadata's engine table holds valid settings
     assert options.evidence_weight is None or options.evidence_weight > 0
+    labeller, config = model.labeller  # its level labeller comes with it, checksum verified
+    assert config.step_mm == min(model.spacing_mm)
     card = (net.MODELS_DIR / "README.md").read_text()
     assert "How it was trained" in card and "Measured" in card
 
@@ -69,6 +71,7 @@ def test_detect_uses_the_bundled_model_and_finds_the_spine(bundled, tmp_path, ca
     assert main(["detect", str(tmp_path / "in" / "case_ct.nii.gz"), "-o", str(tmp_path / "out"), "--no-picture"]) == 0
     written = json.loads((tmp_path / "out" / "case.vertebrae.json").read_text())
     assert written["model"] == bundled.name and written["spine_found"] is True
+    assert written["level_labeller"] == "vertebraid_labeller.safetensors"
     placed = read_vertebrae_json(tmp_path / "out" / "case.vertebrae.json")
     truth = np.array([v.position for v in phantom.truth])
     on_a_body = [np.min(np.linalg.norm(truth - v.position, axis=1)) <= 10.0 for v in placed]
@@ -78,7 +81,7 @@ def test_detect_uses_the_bundled_model_and_finds_the_spine(bundled, tmp_path, ca
 def test_detect_with_a_users_correction_relabels_a_real_scan(bundled, tmp_path, capsys):
     """The headless Re-label on ts_lumbar (real, T12..S1): detect, then the user vouches for T12.
 
-    The bundled model names this scan's vertebrae wrongly (it packs labels C1..L1 onto it); with
+    On its own the bundled model names L2..S1 right but puts L1 on T12 (bench/network_eval.py); with
     T12 fixed at its true centre the rest must follow: at least 6 of the 7 vertebrae identified,
     T12 kept exactly where the user put it and marked locked. Bad uses are refused before anything
     is written.

@@ -138,6 +138,8 @@ def test_the_wheel_ships_the_bundled_model_files():
     data_files = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
     shipped = data_files["share/vertebraid/models"]
     assert f"VertebraID/Resources/Models/{net.BUNDLED_MODEL_NAME}" in shipped
+    bundled_meta = json.loads((net.MODELS_DIR / "vertebraid.json").read_text())
+    assert f"VertebraID/Resources/Models/{bundled_meta['level_labeller']['weights_file']}" in shipped
     assert all((root / f).is_file() for f in shipped), shipped
     assert net.INSTALLED_MODELS_DIR.parts[-3:] == ("share", "vertebraid", "models")
 

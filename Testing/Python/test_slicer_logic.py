@@ -523,11 +523,16 @@ def test_the_bundled_network_detects_and_relabelling_keeps_its_settings(scene_wi
     logic = VID.VertebraIDLogic(context)
     run = logic.detect(ct_node, VID.NetworkHeatmapSource(None, device="cpu"))
     model = load_model(bundled_model_path(), "cpu")
-    assert "vertebraid.safetensors" in run.evidence and model.metadata["status"] in run.evidence
+    assert "vertebraid.safetensors with its level labeller" in run.evidence and model.metadata["status"] in run.evidence
     stored = logic.run_info(run.folder)["options"]
     assert {key: stored[key] for key in model.locate_settings} == model.locate_settings
     detected = [v.label for v in run.result.vertebrae]
     assert detected
+    # the model's level labeller was used, and its evidence is stored for Re-label (which has no CT at hand)
+    stored_levels = np.array(logic.run_info(run.folder)["level_signals"])
+    assert stored_levels.shape == (len(run.result.centerline), 26)
+    np.testing.assert_allclose(stored_levels, run.result.rectified.level_signals, atol=1e-4)
+    logic._prepared.clear()  # Re-label as after reopening the scene: rebuilt from the stored nodes
     report = logic.relabel(run.nodes[mrml.ROLE_POINTS])
     assert [v.label for v in report.result.vertebrae] == detected and report.changed == 0
 

@@ -180,3 +180,21 @@ def predict_heatmaps(
     dtype = np.float16 if compact else np.float32
     maps = np.ascontiguousarray(np.moveaxis(output.numpy(), 0, -1), dtype=dtype)
     return Volume(maps, image.affine)
+
+
+def level_evidence(ct: Volume, model: Model):
+    """The model's level labeller as `pipeline.prepare`'s `level_evidence` (None when it has none).
+
+    The CT is prepared as for the heatmap network (same grid and HU window) only when the
+    pipeline asks, i.e. once a centreline was traced.
+    """
+    if model.labeller is None:
+        return None
+    from .labeller import level_signals
+
+    network, config = model.labeller
+
+    def evidence(centerline):
+        return level_signals(network, preprocess(ct, model.spacing_mm, model.hu_window), centerline, config)
+
+    return evidence

@@ -828,7 +828,7 @@ def add_signals_table(scene, rectified, name: str = "Signals"):
     """A table: distance along the centreline (mm), Q_v for every level, and Q̂ (column 'combined')."""
     import vtk
 
-    signals = np.asarray(rectified.signals, float)
+    signals = np.asarray(rectified.evidence, float)  # what the optimiser weighed (labeller included)
     combined = np.asarray(rectified.combined_signal, float)
     step = float(getattr(rectified, "step_mm", None) or _step_from_affine(rectified.affine))
     node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)

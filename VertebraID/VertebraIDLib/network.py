@@ -151,6 +151,8 @@ class Model:
     device: object = None
     path: Path | None = None
     config: NetworkConfig = field(default_factory=NetworkConfig)
+    # the level labeller (labeller.py) when the metadata names one: (network, LabellerConfig)
+    labeller: tuple | None = None
 
     @property
     def spacing_mm(self) -> tuple[float, float, float]:
@@ -361,4 +363,9 @@ def load_model(path: PathLike | None = None, device: str = "auto") -> Model:
             f"The weights in '{weights_path.name}' do not fit the network described in its metadata."
         ) from None
     network.to(torch_device).eval()
-    return Model(network, meta, torch_device, weights_path, config)
+    labeller = None
+    if meta.get("level_labeller") is not None:
+        from .labeller import load_labeller
+
+        labeller = load_labeller(meta["level_labeller"], weights_path.parent, torch_device)
+    return Model(network, meta, torch_device, weights_path, config, labeller)

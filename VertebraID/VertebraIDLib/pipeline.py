@@ -24,6 +24,8 @@ from .volume import Volume, check_finite
 METHODS = ("exact", "paper", "order", "rect", "base")
 
 ProgressCallback = Callable[[float, str], None]
+#: centreline -> (its samples, 26) more per-level evidence (e.g. `inference.level_evidence`)
+LevelEvidence = Callable[["object"], np.ndarray]
 
 
 class Cancelled(Exception):
@@ -141,11 +143,14 @@ def prepare(
     *,
     combined: Volume | None = None,
     progress: ProgressCallback | None = None,
+    level_evidence: LevelEvidence | None = None,
 ) -> Prepared:
     """Ĝ, centreline, straightened maps and 1-D signals (paper §3.2).
 
     `combined` overrides Ĝ = Σ G_v when the evidence defines its own "any vertebra" map
     (rendered detector points, whose per-level maps need not sum to one blob per vertebra).
+    `level_evidence(centerline)` -> (samples, 26): more per-level evidence along the traced
+    centreline (the level labeller's), added to the maps' signals.
     """
     from .centerline import trace_centerline
     from .rectify import rectify
@@ -170,7 +175,21 @@ def prepare(
     t0 = time.perf_counter()
     rect = rectify(heatmaps, combined, line, options.window_mm, options.sigma_mm, combined_is_sum)
     timings["rectify_and_signals"] = time.perf_counter() - t0
+    if level_evidence is not None:
+        _report(progress, 0.6, "Naming the levels along the spine")
+        t0 = time.perf_counter()
+        rect.level_signals = checked_level_signals(level_evidence(line), len(line))
+        timings["level_labeller"] = time.perf_counter() - t0
     return Prepared(heatmaps, combined, line, rect, timings)
+
+
+def checked_level_signals(signals, length: int) -> np.ndarray:
+    """Level evidence must be finite, (centreline samples, 26)."""
+    signals = np.asarray(signals, dtype=float)
+    if signals.shape != (length, NUM_CHANNELS) or not np.all(np.isfinite(signals)):
+        raise VertebraIDError(f"Level evidence must be finite numbers, one row of {NUM_CHANNELS} per centreline "
+                              f"sample ({length}), got shape {signals.shape}.")
+    return signals
 
 
 def solve(
@@ -207,7 +226,7 @@ def solve(
         vertebrae = _base_method(prepared)
         energy = float("nan")
     else:
-        model = opt.build_energy(rect.signals, labels, rect.step_mm, params)
+        model = opt.build_energy(rect.evidence, labels, rect.step_mm, params)
         if options.method == "rect":
             chain = _rect_method(model)
         elif options.method == "order":
@@ -274,9 +293,10 @@ def locate(
     combined: Volume | None = None,
     energy_params=None,
     progress: ProgressCallback | None = None,
+    level_evidence: LevelEvidence | None = None,
 ) -> Result:
     """The whole of steps 2-3: activation maps -> labelled vertebrae in RAS."""
-    prepared = prepare(heatmaps, options, combined=combined, progress=progress)
+    prepared = prepare(heatmaps, options, combined=combined, progress=progress, level_evidence=level_evidence)
     result = solve(prepared, options, constraints, energy_params=energy_params, progress=progress)
     result.timings_s = {**prepared.timings_s, **result.timings_s}
     return result

@@ -263,7 +263,7 @@ def result_figure(result, ct: Volume | None = None, title: str | None = None):
         axes[3].set_title("straightened CT (mid-sagittal)")
     signal_ax.plot(rect.combined_signal, t_mm, color="black", lw=1.2, label="Q̂")
     for c, name in enumerate(LEVELS_26):
-        signal_ax.plot(rect.signals[:, c], t_mm, color=REGION_COLORS[name[0]], lw=0.6, alpha=0.7)
+        signal_ax.plot(rect.evidence[:, c], t_mm, color=REGION_COLORS[name[0]], lw=0.6, alpha=0.7)
     for v in result.vertebrae:
         z = v.extra.get("axis_index")
         if z is None:
@@ -274,7 +274,8 @@ def result_figure(result, ct: Volume | None = None, title: str | None = None):
                            va="center", ha="right", color=CHECK_COLOR if v.needs_check else "black")
     signal_ax.invert_yaxis()
     signal_ax.set_xlabel("activation (blob heights)")
-    signal_ax.set_title(f"1-D signals, {result.method} (energy {result.energy:.1f})")
+    labeller = " + level labeller" if rect.level_signals is not None else ""
+    signal_ax.set_title(f"1-D signals{labeller}, {result.method} (energy {result.energy:.1f})")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -128,6 +128,15 @@ class Rectified:
     combined_signal: np.ndarray  # (Z,)
     scale: float
     sigma_mm: float
+    # (Z, 26) from the level labeller (labeller.py), on the same samples: added to `signals`
+    level_signals: np.ndarray | None = None
+
+    @property
+    def evidence(self) -> np.ndarray:
+        """What the optimiser weighs per level: the maps' signals, plus the labeller's when there are any."""
+        if self.level_signals is None:
+            return self.signals
+        return self.signals + self.level_signals
 
     @property
     def step_mm(self) -> float:

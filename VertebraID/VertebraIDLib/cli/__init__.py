@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "phantom",
     "show",
     "train",
+    "train_labeller",
     "detect",
 ]
 

@@ -123,7 +123,7 @@ def read_fixed_points(path: Path, ct) -> list:
 
 def detect_case(ct_path: Path, case: str, model, args, out_dir: Path) -> str:
     from ..formats import write_markups_json, write_verse_ctd, write_vertebrae_json
-    from ..inference import predict_heatmaps
+    from ..inference import level_evidence, predict_heatmaps
     from ..pipeline import locate
     from ..volume import read_image, write_scaled_uint8_nifti
 
@@ -138,7 +138,7 @@ def detect_case(ct_path: Path, case: str, model, args, out_dir: Path) -> str:
     timings["network"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     options = locate_options(args, **model.locate_settings)
-    result = locate(heatmaps, options, constraints)
+    result = locate(heatmaps, options, constraints, level_evidence=level_evidence(ct, model))
     timings["pipeline"] = time.perf_counter() - t0
     out_dir.mkdir(parents=True, exist_ok=True)  # only now: a case that fails early leaves no folder
     if args.save_heatmaps:
@@ -158,6 +158,7 @@ def detect_case(ct_path: Path, case: str, model, args, out_dir: Path) -> str:
         energy=None if result.energy != result.energy else round(float(result.energy), 4),
         spine_found=result.centerline is not None,
         **({"fixed_points": str(args.fixed)} if args.fixed else {}),
+        **({"level_labeller": model.metadata["level_labeller"]["weights_file"]} if model.labeller is not None else {}),
         timings_s={k: round(v, 3) for k, v in {**timings, **result.timings_s}.items()},
     )
     labels = " ".join(v.label for v in result.vertebrae) or "none (no spine found)"

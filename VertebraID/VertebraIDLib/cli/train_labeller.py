@@ -1,0 +1,37 @@
+"""`vertebraid train-labeller --model M`: train the level labeller for a heatmap model (labeller.py)."""
+from __future__ import annotations
+
+from ..errors import VertebraIDError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train-labeller",
+        help="train the level labeller (whole-spine level evidence) for a heatmap model",
+        description="Train the level labeller on phantoms: the CT straightened along the truth centreline, "
+        "labelled with each vertebra's level. Samples are cached in --samples (a rerun only adds missing "
+        "ones). The weights are written beside the model and, with --attach, recorded in its metadata, so "
+        "that `detect` and the Slicer module use them.",
+    )
+    parser.add_argument("--model", required=True, help="the heatmap model (.safetensors) the labeller serves")
+    parser.add_argument("--samples", required=True, help="folder for the phantom samples (kept between runs)")
+    parser.add_argument("--phantoms", type=int, default=2000, help="phantom seeds 0..N-1 (default 2000)")
+    parser.add_argument("--minutes", type=float, default=30.0, help="training time (default 30)")
+    parser.add_argument("--seed", type=int, default=0, help="training random seed")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    parser.add_argument("--attach", action="store_true", help="record the labeller in the model's metadata")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from ..labeller import train_for_model
+
+    if args.threads < 0:
+        raise VertebraIDError("--threads must not be negative.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train_for_model(args.model, args.samples, args.phantoms, args.minutes, args.seed, args.attach,
+                    log=lambda message: print(message, flush=True))
+    return 0
