@@ -131,7 +131,7 @@ def truth_centerline(truth, step_mm: float, rng: np.random.Generator | None = No
     """A centreline through known body centres (a smooth curve), extended past both ends."""
     from scipy.interpolate import make_interp_spline
 
-    from .centerline import Centerline, _extend, _resample_by_arc_length, moving_frames
+    from .centerline import _extend
 
     known = sorted((v for v in truth if v.label in _CHANNEL_OF), key=lambda v: _CHANNEL_OF[v.label])
     points = np.array([v.position for v in known], float)
@@ -145,7 +145,13 @@ def truth_centerline(truth, step_mm: float, rng: np.random.Generator | None = No
     head, tail = (int(round(e)) for e in extend_mm)
     extended = _extend(dense, max(head, tail))
     n = max(head, tail)
-    track = extended[n - head : n + len(dense) + tail]
+    return _curve(extended[n - head : n + len(dense) + tail], step_mm)
+
+
+def _curve(track: np.ndarray, step_mm: float):
+    """A centreline every `step_mm` along a polyline, every sample counted as supported."""
+    from .centerline import Centerline, _resample_by_arc_length, moving_frames
+
     points, _ = _resample_by_arc_length(track, step_mm)
     e1, e2, e3 = moving_frames(points)
     return Centerline(points, e1, e2, e3, float(step_mm), np.ones(len(points), bool))
@@ -187,15 +193,6 @@ def phantom_sample(seed: int, config: LabellerConfig, hu_window, model_spacing_m
 # --------------------------------------------------------------------------- inference
 
 
-def _resampled(centerline, step_mm: float):
-    """The same curve sampled every `step_mm`."""
-    from .centerline import Centerline, _resample_by_arc_length, moving_frames
-
-    points, _ = _resample_by_arc_length(centerline.points, step_mm)
-    e1, e2, e3 = moving_frames(points)
-    return Centerline(points, e1, e2, e3, float(step_mm), np.ones(len(points), bool))
-
-
 def level_signals(network, image: Volume, centerline, config: LabellerConfig, device=None) -> np.ndarray:
     """(Z, 26) signals on `centerline`'s samples: ~1 at each level's body centre, ~0 elsewhere.
 
@@ -204,7 +201,7 @@ def level_signals(network, image: Volume, centerline, config: LabellerConfig, de
     import torch
 
     same_step = abs(centerline.step_mm - config.step_mm) < 1e-6
-    line = centerline if same_step else _resampled(centerline, config.step_mm)
+    line = centerline if same_step else _curve(centerline.points, config.step_mm)
     x = straighten_image(image, line, config)
     device = device or next(network.parameters()).device
     with torch.inference_mode():
