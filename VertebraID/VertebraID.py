@@ -193,14 +193,14 @@ class NetworkHeatmapSource:
         from VertebraIDLib import inference
 
         model = inference.load_model(self.model_path, self.device)
-        heatmaps = inference.predict_heatmaps(ct, model, self.device, progress)
+        heatmaps, level_evidence = inference.predict_evidence(ct, model, self.device, progress)
         description = f"network model {self.model_path.name}"
         if model.labeller is not None:
             description += " with its level labeller"
         if model.metadata.get("status"):  # e.g. a research preview: the user sees it beside the labels
             description += f" ({model.metadata['status']})"
         return Evidence(heatmaps, None, description, model.sigma_mm, locate_settings=model.locate_settings,
-                        level_evidence=inference.level_evidence(ct, model))
+                        level_evidence=level_evidence)
 
 
 class PointsHeatmapSource:

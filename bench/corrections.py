@@ -25,7 +25,7 @@ from network_eval import REALCT, predicted_phantoms
 from VertebraIDLib.anatomy import LabelSet
 from VertebraIDLib.datasets import iter_cases
 from VertebraIDLib.fileio import write_text_atomic
-from VertebraIDLib.inference import level_evidence, load_model, predict_heatmaps
+from VertebraIDLib.inference import load_model, predict_evidence
 from VertebraIDLib.metrics import DEFAULT_MAX_DIST_MM, evaluate_case, summarize
 from VertebraIDLib.pipeline import Constraint, LocateOptions, prepare, solve
 
@@ -98,8 +98,8 @@ def main(argv=None) -> int:
     for case in iter_cases(REALCT):
         if case.image is None or not case.truth:
             continue
-        prepared = prepare(predict_heatmaps(case.image, model, "cpu"), options,
-                           level_evidence=level_evidence(case.image, model))
+        maps, level_evidence = predict_evidence(case.image, model, "cpu")
+        prepared = prepare(maps, options, level_evidence=level_evidence)
         automatic = solve(prepared, options).vertebrae
         evaluations = correction_rounds(prepared, case.truth, options, rounds, automatic)
         real_rounds.append(evaluations)

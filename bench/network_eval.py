@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ import numpy as np
 from VertebraIDLib.datasets import iter_cases
 from VertebraIDLib.errors import VertebraIDError
 from VertebraIDLib.fileio import write_text_atomic
-from VertebraIDLib.inference import level_evidence, load_model, predict_heatmaps
+from VertebraIDLib.inference import load_model, predict_evidence
 from VertebraIDLib.metrics import evaluate_case, summarize
 from VertebraIDLib.phantom import generate_phantom
 from VertebraIDLib.optimize import EnergyParams
@@ -38,21 +39,15 @@ def predicted_phantoms(model, n: int, seed: int):
     for i in range(n):
         phantom = generate_phantom(seed + i, spacing=2.5)
         t0 = time.perf_counter()
-        maps = predict_heatmaps(phantom.ct, model, "cpu")
-        yield seed + i, phantom.truth, maps, time.perf_counter() - t0, level_evidence(phantom.ct, model)
+        maps, level_evidence = predict_evidence(phantom.ct, model, "cpu")
+        yield seed + i, phantom.truth, maps, time.perf_counter() - t0, level_evidence
 
 
 def maps_only(prepared, options):
     """The exact method on the heatmap network's signals alone (the labeller's set aside)."""
-    rect = prepared.rectified
-    kept = None if rect is None else rect.level_signals
-    if rect is not None:
-        rect.level_signals = None
-    try:
-        return solve(prepared, options)
-    finally:
-        if rect is not None:
-            rect.level_signals = kept
+    if prepared.rectified is not None:
+        prepared = replace(prepared, rectified=replace(prepared.rectified, level_signals=None))
+    return solve(prepared, options)
 
 
 def confidence_outcomes(vertebrae, evaluation) -> list[tuple[float, bool]]:
@@ -142,9 +137,8 @@ def real_scans(model, out_dir: Path, log) -> str:
         if case.image is None or not case.truth:
             continue
         try:
-            maps = predict_heatmaps(case.image, model, "cpu")
-            result = locate(maps, LocateOptions(**model.locate_settings),
-                            level_evidence=level_evidence(case.image, model))
+            maps, level_evidence = predict_evidence(case.image, model, "cpu")
+            result = locate(maps, LocateOptions(**model.locate_settings), level_evidence=level_evidence)
         except VertebraIDError as exc:
             lines.append(f"{case.name}: {exc}")
             continue

@@ -2,6 +2,7 @@
 
     model = load_model("model.safetensors", "auto")
     heatmaps = predict_heatmaps(ct, model, "auto", progress)   # Volume (I, J, K, 26) float32, RAS grid
+    heatmaps, level_evidence = predict_evidence(ct, model)      # + the level labeller, for pipeline.prepare
 
 Preprocessing (shared with training, so the network sees the same kind of image):
 1. checks: a 3-D scan, at least 40 mm along each axis, at most 2 m, with CT intensities
@@ -144,6 +145,22 @@ def predict_heatmaps(
     compact: bool = False,
 ) -> Volume:
     """The 26 activation maps of a CT on the model's grid (RAS), float32 (float16 when compact)."""
+    return predict_evidence(ct, model, device, progress, overlap=overlap, sw_batch_size=sw_batch_size,
+                            compact=compact)[0]
+
+
+def predict_evidence(
+    ct: Volume,
+    model: Model,
+    device: str = "auto",
+    progress: ProgressCallback | None = None,
+    *,
+    overlap: float = 0.25,
+    sw_batch_size: int = 1,
+    compact: bool = False,
+):
+    """(the 26 activation maps, the model's level labeller as `pipeline.prepare`'s `level_evidence`
+    or None when it has none), the CT prepared once for both networks."""
     import torch
     from monai.inferers import SlidingWindowInferer
 
@@ -179,22 +196,14 @@ def predict_heatmaps(
         output = (inferer(tensor, run_windows)[0] / model.heatmap_height).clamp(min=0.0)
     dtype = np.float16 if compact else np.float32
     maps = np.ascontiguousarray(np.moveaxis(output.numpy(), 0, -1), dtype=dtype)
-    return Volume(maps, image.affine)
+    return Volume(maps, image.affine), _level_evidence(image, model)
 
 
-def level_evidence(ct: Volume, model: Model):
-    """The model's level labeller as `pipeline.prepare`'s `level_evidence` (None when it has none).
-
-    The CT is prepared as for the heatmap network (same grid and HU window) only when the
-    pipeline asks, i.e. once a centreline was traced.
-    """
+def _level_evidence(image: Volume, model: Model):
+    """The labeller reading the heatmap network's own input along a centreline (None without one)."""
     if model.labeller is None:
         return None
     from .labeller import level_signals
 
     network, config = model.labeller
-
-    def evidence(centerline):
-        return level_signals(network, preprocess(ct, model.spacing_mm, model.hu_window), centerline, config)
-
-    return evidence
+    return lambda centerline: level_signals(network, image, centerline, config)

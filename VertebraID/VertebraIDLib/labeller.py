@@ -219,18 +219,12 @@ def level_signals(network, image: Volume, centerline, config: LabellerConfig, de
 
 def save_labeller(network, config: LabellerConfig, path: PathLike, training: dict | None = None) -> dict:
     """Write the weights (safetensors, atomically); return the metadata entry that points at them."""
-    from safetensors.torch import save_file
-
-    from .fileio import atomic_path
-    from .network import sha256_file, weights_state
+    from .network import weights_state, write_weights
 
     path = Path(path)
     # float16 halves the file (the bundled models share a 20 MB budget); loading widens it again
     state = {k: (v.half() if v.is_floating_point() else v) for k, v in weights_state(network).items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"format": LABELLER_FORMAT})
-        os.chmod(tmp, 0o644)
-        digest = sha256_file(tmp)
+    digest = write_weights(state, path, LABELLER_FORMAT)
     return {"format": LABELLER_FORMAT, "config": config.to_dict(), "weights_file": path.name,
             "weights_sha256": digest, "training": training or {}}
 
@@ -251,26 +245,19 @@ def attach_labeller(model_path: PathLike, entry: dict) -> Path:
 
 def load_labeller(entry: dict, folder: Path, device):
     """(network in eval mode, config) from a model metadata's "level_labeller" entry; checksum first."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .network import _refuse_pickle, load_weights_state, sha256_file
+    from .network import load_weights_state, read_weights
 
     if not isinstance(entry, dict) or entry.get("format") != LABELLER_FORMAT or "weights_file" not in entry:
         raise VertebraIDError("The model's level labeller entry is not valid.")
     path = folder / str(entry["weights_file"])
     if Path(entry["weights_file"]).name != entry["weights_file"] or not path.is_file():
         raise VertebraIDError(f"The model's level labeller '{entry['weights_file']}' is missing.")
-    _refuse_pickle(path)
-    if sha256_file(path) != str(entry.get("weights_sha256", "")).lower():
-        raise VertebraIDError(f"The level labeller '{path.name}' does not match its checksum: "
-                              "the file is corrupt or was modified.")
+    stored = read_weights(path, entry.get("weights_sha256", ""), "level labeller")
     config = LabellerConfig.from_dict(entry.get("config", {}))
     network = build_labeller(config)
     try:
-        state = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(path), device="cpu").items()}
-        load_weights_state(network, state)
-    except (SafetensorError, OSError, ValueError, RuntimeError):
+        load_weights_state(network, {k: (v.float() if v.is_floating_point() else v) for k, v in stored.items()})
+    except RuntimeError:
         raise VertebraIDError(f"The level labeller '{path.name}' does not fit its configuration.") from None
     return network.to(device).eval(), config
 
@@ -300,6 +287,8 @@ def _augment(x: np.ndarray, pairs: np.ndarray, rng: np.random.Generator):
 def prepare_samples(folder: PathLike, seeds, config: LabellerConfig, hu_window, model_spacing_mm: float,
                     progress: Callable | None = None) -> list[Path]:
     """Phantom samples as `<seed>.npz` in `folder` (kept between runs: a rerun only adds missing ones)."""
+    from .fileio import atomic_path
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     seeds = list(seeds)
@@ -307,10 +296,9 @@ def prepare_samples(folder: PathLike, seeds, config: LabellerConfig, hu_window, 
         path = folder / f"{seed}.npz"
         if not path.exists():
             sample = phantom_sample(seed, config, hu_window, model_spacing_mm)
-            tmp = folder / f".{seed}.tmp.npz"
             x, pairs = sample if sample is not None else (np.zeros((0, 0, 0), np.uint8), np.zeros((0, 2), np.float32))
-            np.savez_compressed(tmp, x=x, pairs=pairs)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                np.savez_compressed(tmp, x=x, pairs=pairs)
         if progress is not None:
             progress(i + 1, len(seeds))
     return [folder / f"{s}.npz" for s in seeds]

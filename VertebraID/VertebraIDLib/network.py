@@ -266,19 +266,40 @@ def make_metadata(
 
 def save_model(network, metadata: dict, path: PathLike) -> tuple[Path, Path]:
     """Write weights (safetensors) and metadata (JSON, with the weights' SHA-256), atomically."""
-    from safetensors.torch import save_file
-
     weights_path, meta_path = model_paths(path)
-    state = weights_state(network)
-    with atomic_path(weights_path) as tmp:
-        save_file(state, str(tmp), metadata={"format": MODEL_FORMAT})
-        os.chmod(tmp, 0o644)  # save_file creates a new file with the temporary's 0600 mode
-        digest = sha256_file(tmp)
+    digest = write_weights(weights_state(network), weights_path, MODEL_FORMAT)
     meta = dict(metadata)
     meta["weights_file"] = weights_path.name
     meta["weights_sha256"] = digest
     write_json_atomic(meta_path, meta)
     return weights_path, meta_path
+
+
+def write_weights(state: dict, path: Path, file_format: str) -> str:
+    """Tensors to a safetensors file, atomically; returns the file's SHA-256."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": file_format})
+        os.chmod(tmp, 0o644)  # save_file creates a new file with the temporary's 0600 mode
+        digest = sha256_file(tmp)
+    return digest
+
+
+def read_weights(path: Path, sha256: str, what: str) -> dict:
+    """The tensors of a safetensors file whose SHA-256 matches; `what` names it in errors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    _refuse_pickle(path)
+    if sha256_file(path) != str(sha256).lower():
+        raise VertebraIDError(
+            f"The {what} '{path.name}' does not match its checksum: the file is corrupt or was modified."
+        )
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise VertebraIDError(f"The {what} '{path.name}' is not a readable safetensors file.") from exc
 
 
 def weights_state(network) -> dict:
@@ -338,24 +359,13 @@ def read_model_metadata(path: PathLike) -> dict:
 
 def load_model(path: PathLike | None = None, device: str = "auto") -> Model:
     """Load a model file (the bundled one when `path` is None), checksum first; never unpickles."""
-    import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     weights_path = Path(path) if path is not None else default_model_path()
     weights_path, _ = model_paths(weights_path)
     meta = read_model_metadata(weights_path)
-    if sha256_file(weights_path) != str(meta["weights_sha256"]).lower():
-        raise VertebraIDError(
-            f"The model '{weights_path.name}' does not match its checksum: the file is corrupt or was modified."
-        )
+    state = read_weights(weights_path, meta["weights_sha256"], "model")
     torch_device = resolve_device(device)
     config = NetworkConfig.from_dict(meta["network"])
     network = build_network(config)
-    try:
-        state = load_file(str(weights_path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise VertebraIDError(f"The model '{weights_path.name}' is not a readable safetensors file.") from exc
     try:
         load_weights_state(network, state)
     except RuntimeError:

@@ -123,7 +123,7 @@ def read_fixed_points(path: Path, ct) -> list:
 
 def detect_case(ct_path: Path, case: str, model, args, out_dir: Path) -> str:
     from ..formats import write_markups_json, write_verse_ctd, write_vertebrae_json
-    from ..inference import level_evidence, predict_heatmaps
+    from ..inference import predict_evidence
     from ..pipeline import locate
     from ..volume import read_image, write_scaled_uint8_nifti
 
@@ -134,11 +134,11 @@ def detect_case(ct_path: Path, case: str, model, args, out_dir: Path) -> str:
     constraints = read_fixed_points(Path(args.fixed), ct) if args.fixed else []
     timings["read"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    heatmaps = predict_heatmaps(ct, model, args.device)
+    heatmaps, level_evidence = predict_evidence(ct, model, args.device)
     timings["network"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     options = locate_options(args, **model.locate_settings)
-    result = locate(heatmaps, options, constraints, level_evidence=level_evidence(ct, model))
+    result = locate(heatmaps, options, constraints, level_evidence=level_evidence)
     timings["pipeline"] = time.perf_counter() - t0
     out_dir.mkdir(parents=True, exist_ok=True)  # only now: a case that fails early leaves no folder
     if args.save_heatmaps:
