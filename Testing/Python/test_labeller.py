@@ -168,6 +168,10 @@ def test_train_labeller_command_refuses_bad_input(tmp_path, capsys):
                      "--minutes", "0"]) != 0
     assert "must be positive" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+    (tmp_path / "file").write_text("not a folder")
+    assert cli_main(["train-labeller", "--model", str(model_path), "--samples", str(tmp_path / "file"),
+                     "--phantoms", "1", "--minutes", "0.01"]) != 0
+    assert "is a file; give a folder" in capsys.readouterr().err
 
 
 def test_the_headless_training_module_trains_the_labeller_through_the_same_recipe(tmp_path):

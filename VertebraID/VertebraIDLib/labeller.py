@@ -290,7 +290,12 @@ def prepare_samples(folder: PathLike, seeds, config: LabellerConfig, hu_window, 
     from .fileio import atomic_path
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not folder.is_dir():
+        raise VertebraIDError(f"The samples folder '{folder}' is a file; give a folder.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VertebraIDError(f"Cannot create the samples folder '{folder}' ({exc.strerror}).") from None
     seeds = list(seeds)
     for i, seed in enumerate(seeds):
         path = folder / f"{seed}.npz"
