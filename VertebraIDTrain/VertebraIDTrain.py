@@ -54,7 +54,7 @@ class VertebraIDTrain(ScriptedLoadableModule):
 
 
 class VertebraIDTrainLogic(ScriptedLoadableModuleLogic):
-    """Train from a configuration (a path or a `training.TrainConfig`); no GUI, no scene."""
+    """Train from a configuration (a path or a `training.config.TrainConfig`); no GUI, no scene."""
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleLogic.__init__(self, parent)
@@ -66,28 +66,29 @@ class VertebraIDTrainLogic(ScriptedLoadableModuleLogic):
         return [n for n in ("torch", "monai", "tensorboard") if importlib.util.find_spec(n) is None]
 
     def train(self, config, resume: bool = False, progress=None, **overrides):
-        """Run `training.train`; `overrides` set top-level settings (output_dir, device...)."""
+        """Run `training.heatmap.train`; `overrides` set top-level settings (output_dir, device...)."""
         missing = self.missing_packages()
         if missing:
             raise VertebraIDError(f"Training needs {', '.join(missing)}; install them first (pip_install in Slicer).")
-        from VertebraIDLib import training
+        from VertebraIDLib.training.config import TrainConfig, load_config, validate_config
+        from VertebraIDLib.training.heatmap import train
 
-        if not isinstance(config, training.TrainConfig):
-            config = training.load_config(config)
+        if not isinstance(config, TrainConfig):
+            config = load_config(config)
         for key, value in overrides.items():
             if not hasattr(config, key) or key in ("model", "data", "augment", "train", "validation"):
                 raise VertebraIDError(f"Unknown top-level training setting '{key}'.")
             setattr(config, key, value)
-        training.validate_config(config)
-        return training.train(config, resume=resume, progress=progress, show_progress=not HAVE_SLICER_APP)
+        validate_config(config)
+        return train(config, resume=resume, progress=progress, show_progress=not HAVE_SLICER_APP)
 
     def train_labeller(self, model_path, samples, phantoms: int = 2000, minutes: float = 30.0, attach: bool = False,
                        log=print):
-        """Train the level labeller for a heatmap model (`labeller.train_for_model`); returns its path."""
+        """Train the level labeller for a heatmap model (`training.labeller.train_for_model`); returns its path."""
         missing = self.missing_packages()
         if missing:
             raise VertebraIDError(f"Training needs {', '.join(missing)}; install them first (pip_install in Slicer).")
-        from VertebraIDLib.labeller import train_for_model
+        from VertebraIDLib.training.labeller import train_for_model
 
         return train_for_model(model_path, samples, phantoms, minutes, attach=attach, log=log)[0]
 

@@ -22,11 +22,11 @@ import traceback
 from pathlib import Path
 
 import numpy as np
-
-from VertebraIDLib.fileio import write_json_atomic, write_text_atomic
-from VertebraIDLib.metrics import evaluate_case, summarize
-from VertebraIDLib.pipeline import LocateOptions, prepare, solve
-from VertebraIDLib.simulate import simulate_case
+from VertebraIDLib.engine.pipeline import prepare, solve
+from VertebraIDLib.engine.settings import EngineSettings
+from VertebraIDLib.evaluation.metrics import evaluate_case, summarize
+from VertebraIDLib.io.files import write_json_atomic, write_text_atomic
+from VertebraIDLib.synthetic.simulate import simulate_case
 
 METHODS = ("base", "rect", "order", "paper", "exact")
 PAPER_NAMES = {
@@ -61,11 +61,11 @@ def run_case(task: dict) -> dict:
         record["levels"] = case.labels
         record["whole_spine"] = case.meta["whole_spine"]
         t0 = time.perf_counter()
-        prepared = prepare(case.heatmaps, LocateOptions())
+        prepared = prepare(case.heatmaps, EngineSettings())
         record["prepare_s"] = time.perf_counter() - t0
         for method, weighted in CONFIGS:
             t0 = time.perf_counter()
-            result = solve(prepared, LocateOptions(method=method, weighted=weighted))
+            result = solve(prepared, EngineSettings(method=method, weighted=weighted))
             elapsed = time.perf_counter() - t0
             evaluation = evaluate_case(result.vertebrae, case.truth, metric="spineweb", name=f"case{plan['index']}")
             record["results"][f"{method}/{int(weighted)}"] = {

@@ -20,19 +20,26 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from network_eval import REALCT, predicted_phantoms
+from network_eval import predicted_phantoms
+from VertebraIDLib.engine.anatomy import LabelSet
+from VertebraIDLib.engine.corrections import Constraint
+from VertebraIDLib.engine.pipeline import prepare, solve
+from VertebraIDLib.engine.settings import EngineSettings
+from VertebraIDLib.evaluation.metrics import (
+    DEFAULT_MAX_DIST_MM,
+    evaluate_case,
+    summarize,
+)
+from VertebraIDLib.io.cases import iter_cases
+from VertebraIDLib.io.files import write_text_atomic
+from VertebraIDLib.networks.bundle import load_model
+from VertebraIDLib.networks.predict import predict_evidence
 
-from VertebraIDLib.anatomy import LabelSet
-from VertebraIDLib.datasets import iter_cases
-from VertebraIDLib.fileio import write_text_atomic
-from VertebraIDLib.inference import load_model, predict_evidence
-from VertebraIDLib.metrics import DEFAULT_MAX_DIST_MM, evaluate_case, summarize
-from VertebraIDLib.pipeline import Constraint, LocateOptions, prepare, solve
-
+REALCT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "realct"
 LEVEL_ORDER = LabelSet.standard(transitional=True).levels
 
 
-def correction_rounds(prepared, truth, options: LocateOptions, rounds: int, vertebrae):
+def correction_rounds(prepared, truth, options: EngineSettings, rounds: int, vertebrae):
     """Evaluations after 0..rounds corrections of `vertebrae`, the automatic result (a finished
     scan repeats its last one)."""
     constraints: list[Constraint] = []
@@ -84,12 +91,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/network/corrections.md"))
     args = parser.parse_args(argv)
     model = load_model(args.model, "cpu")
-    options = LocateOptions(**model.locate_settings)
+    options = EngineSettings().with_metadata(model.metadata)
     rounds = args.corrections
 
     phantom_rounds = []
-    for case_seed, truth, maps, _, evidence in predicted_phantoms(model, args.phantoms, args.seed):
-        prepared = prepare(maps, options, level_evidence=evidence)
+    for case_seed, truth, evidence, _ in predicted_phantoms(model, args.phantoms, args.seed):
+        prepared = prepare(evidence, options)
         phantom_rounds.append(correction_rounds(prepared, truth, options, rounds, solve(prepared, options).vertebrae))
         print(f"phantom {case_seed}: " + " -> ".join(str(e.num_identified) for e in phantom_rounds[-1])
               + f" of {phantom_rounds[-1][0].num_gt}", flush=True)
@@ -98,8 +105,7 @@ def main(argv=None) -> int:
     for case in iter_cases(REALCT):
         if case.image is None or not case.truth:
             continue
-        maps, level_evidence = predict_evidence(case.image, model, "cpu")
-        prepared = prepare(maps, options, level_evidence=level_evidence)
+        prepared = prepare(predict_evidence(case.image, model, "cpu"), options)
         automatic = solve(prepared, options).vertebrae
         evaluations = correction_rounds(prepared, case.truth, options, rounds, automatic)
         real_rounds.append(evaluations)

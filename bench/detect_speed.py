@@ -27,9 +27,9 @@ def main() -> int:
     parser.add_argument("--keep", help="folder for the CT and outputs (default: a temporary folder)")
     args = parser.parse_args()
 
-    from VertebraIDLib import network as net
-    from VertebraIDLib.phantom import generate_phantom
-    from VertebraIDLib.volume import write_nifti
+    from VertebraIDLib.io.images import write_nifti
+    from VertebraIDLib.networks import bundle as net
+    from VertebraIDLib.synthetic.phantom import generate_phantom
 
     work = Path(args.keep or tempfile.mkdtemp(prefix="vid-bench-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -12,9 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from VertebraIDLib.formats import write_vertebrae_json
-from VertebraIDLib.simulate import simulate_case
-from VertebraIDLib.volume import write_scaled_uint8_nifti
+from VertebraIDLib.io.formats import write_vertebrae_json
+from VertebraIDLib.io.images import write_scaled_uint8_nifti
+from VertebraIDLib.synthetic.simulate import simulate_case
 
 EXAMPLE_SEED = 2021
 EXAMPLE_LEVELS = ("T6", "S2")

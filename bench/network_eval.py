@@ -1,13 +1,12 @@
-"""A trained model end to end: held-out phantoms (with the engine's ablation) and the real scans.
+"""A trained model end to end on held-out phantoms, with the engine's ablation.
 
     python bench/network_eval.py --model M [--phantoms 50] [--seed 2000000] [--out-dir bench/results/network]
 
 Phantoms use seeds far from training (training draws from its phantom_seed upwards, validation
 from 1,000,000) and random anatomy, pathology and geometry. For each phantom the network's maps
 are prepared once (with the model's level labeller when it has one) and labelled by every
-method (base, rect, order, paper, exact), and by exact on the maps alone. Then every
-case of ../shared/data/realct that has labels is run through `detect`'s path, scored, and a QC
-picture is written. Identification: SpineWeb definition.
+method (base, rect, order, paper, exact), and by exact on the maps alone. Identification:
+SpineWeb definition. Real scans: `bench/realct.py`.
 """
 from __future__ import annotations
 
@@ -17,53 +16,37 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from VertebraIDLib.engine.pipeline import locate, prepare, solve
+from VertebraIDLib.engine.settings import METHODS, EngineSettings
+from VertebraIDLib.evaluation.calibration import confidence_outcomes, confidence_table
+from VertebraIDLib.evaluation.metrics import evaluate_case, summarize
+from VertebraIDLib.io.files import write_text_atomic
+from VertebraIDLib.networks.bundle import load_model
+from VertebraIDLib.networks.predict import predict_evidence
+from VertebraIDLib.synthetic.phantom import generate_phantom
+from VertebraIDLib.training.validate import (
+    level_peak_errors,
+    strongest_channel_rates,
+    strongest_levels,
+)
 
-from VertebraIDLib.datasets import iter_cases
-from VertebraIDLib.errors import VertebraIDError
-from VertebraIDLib.fileio import write_text_atomic
-from VertebraIDLib.inference import load_model, predict_evidence
-from VertebraIDLib.metrics import evaluate_case, summarize
-from VertebraIDLib.phantom import generate_phantom
-from VertebraIDLib.optimize import EnergyParams
-from VertebraIDLib.pipeline import METHODS, LocateOptions, locate, prepare, solve
-from VertebraIDLib.qc import result_figure, save_figure
-from VertebraIDLib.training import level_peak_errors, strongest_channel_rates, strongest_levels
-
-DEFAULT_ENERGY = EnergyParams()
-REALCT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "realct"
+DEFAULTS = EngineSettings()
 
 
 def predicted_phantoms(model, n: int, seed: int):
-    """(seed, truth, maps, seconds, level evidence or None) for phantoms seed..seed+n-1
-    (2.5 mm, all else drawn from the seed)."""
+    """(seed, truth, evidence, seconds) for phantoms seed..seed+n-1 (2.5 mm, all else drawn from the seed)."""
     for i in range(n):
         phantom = generate_phantom(seed + i, spacing=2.5)
         t0 = time.perf_counter()
-        maps, level_evidence = predict_evidence(phantom.ct, model, "cpu")
-        yield seed + i, phantom.truth, maps, time.perf_counter() - t0, level_evidence
+        evidence = predict_evidence(phantom.ct, model, "cpu")
+        yield seed + i, phantom.truth, evidence, time.perf_counter() - t0
 
 
-def maps_only(prepared, options):
+def maps_only(prepared, settings=None):
     """The exact method on the heatmap network's signals alone (the labeller's set aside)."""
     if prepared.rectified is not None:
         prepared = replace(prepared, rectified=replace(prepared.rectified, level_signals=None))
-    return solve(prepared, options)
-
-
-def confidence_outcomes(vertebrae, evaluation) -> list[tuple[float, bool]]:
-    """(confidence, identified) of every placed vertebra; a label the scan lacks counts as wrong."""
-    identified = {o.label for o in evaluation.outcomes if o.identified}
-    return [(float(v.confidence), v.label in identified) for v in vertebrae]
-
-
-def confidence_table(hits) -> str:
-    """Is the exact optimiser's per-vertebra confidence worth reading? Share right per band."""
-    lines = ["| exact: confidence | vertebrae placed | identified |", "|---|---|---|"]
-    for lo, hi in ((0.0, 0.5), (0.5, 0.9), (0.9, 1.01)):
-        band = [ok for c, ok in hits if lo <= c < hi]
-        share = f"{100 * np.mean(band):.1f} %" if band else "-"
-        lines.append(f"| {lo:g}–{min(hi, 1.0):g} | {len(band)} | {share} |")
-    return "\n".join(lines)
+    return solve(prepared, settings)
 
 
 def strongest_channel_text(pairs) -> str:
@@ -83,21 +66,22 @@ def phantom_ablation(model, n: int, seed: int, log) -> str:
         per_method["exact, maps only"] = []
     engine_default = []
     times, peak_errors, confidence_hits, strongest = [], [], [], []
-    for case_seed, truth, maps, seconds, evidence in predicted_phantoms(model, n, seed):
+    for case_seed, truth, evidence, seconds in predicted_phantoms(model, n, seed):
+        maps = evidence.heatmaps
         t0 = time.perf_counter()
-        prepared = prepare(maps, LocateOptions(**model.locate_settings), level_evidence=evidence)
+        prepared = prepare(evidence)
         times.append(seconds + time.perf_counter() - t0)
         peak_errors += level_peak_errors(maps, truth)
         strongest += strongest_levels(maps, truth)
         for method in METHODS:
-            result = solve(prepared, LocateOptions(method=method, **model.locate_settings))
+            result = solve(prepared, prepared.settings.updated(method=method))
             per_method[method].append(evaluate_case(result.vertebrae, truth, name=f"phantom-{case_seed}"))
             if method == "exact":
                 confidence_hits += confidence_outcomes(result.vertebrae, per_method[method][-1])
         if model.labeller is not None:
-            alone = maps_only(prepared, LocateOptions(**model.locate_settings))
+            alone = maps_only(prepared)
             per_method["exact, maps only"].append(evaluate_case(alone.vertebrae, truth, name=f"phantom-{case_seed}"))
-        default = locate(maps, LocateOptions(sigma_mm=model.sigma_mm), level_evidence=evidence)
+        default = locate(replace(evidence, settings={"sigma_mm": model.sigma_mm}))
         engine_default.append(evaluate_case(default.vertebrae, truth, name=f"phantom-{case_seed}"))
         exact = per_method["exact"][-1]
         log(f"phantom {case_seed}: {exact.num_identified}/{exact.num_gt} identified (exact)")
@@ -116,48 +100,17 @@ def phantom_ablation(model, n: int, seed: int, log) -> str:
         err = "-" if a.error_mean_mm is None else f"{a.error_mean_mm:.2f} ± {a.error_std_mm:.2f}"
         lines.append(f"| {method} | {rate('C')} | {rate('T')} | {rate('L')} | {rate('S')} | {rate('all')} | {err} | "
                      f"{100 * summary.all_correct_rate:.1f} % |")
-    settings = ", ".join(f"{k} {v:g}" for k, v in model.locate_settings.items() if k != "sigma_mm") or "none"
+    settings = ", ".join(f"{k} {v:g}" for k, v in model.engine_settings.items() if k != "sigma_mm") or "none"
     default_rate = 100 * summarize(engine_default).regions["all"].id_rate
     lines += ["", f"Optimiser settings from the model's metadata: {settings}; exact with the engine's defaults "
-              f"(α {DEFAULT_ENERGY.evidence_weight:g}, floor {DEFAULT_ENERGY.floor:g}, centreline threshold "
-              f"{LocateOptions().threshold:g}) instead: {default_rate:.1f} %."]
+              f"(α {DEFAULTS.evidence_weight:g}, floor {DEFAULTS.evidence_floor:g}, centreline threshold "
+              f"{DEFAULTS.centreline_threshold:g}) instead: {default_rate:.1f} %."]
     within = 100 * float(np.mean(np.asarray(peak_errors) <= 10.0)) if peak_errors else float("nan")
     lines += ["", f"The network alone: a level's map peaks within 10 mm of its vertebra for {within:.1f} % of the "
               f"{len(peak_errors)} vertebrae (median distance {np.median(peak_errors):.0f} mm).",
               "", strongest_channel_text(strongest),
               "", confidence_table(confidence_hits),
               "", f"network + preparation per phantom: median {np.median(times):.1f} s", ""]
-    return "\n".join(lines)
-
-
-def real_scans(model, out_dir: Path, log) -> str:
-    lines = ["## Real scans with labels (../shared/data/realct)", "", "```"]
-    strongest, totals = [], [0, 0, 0]
-    for case in iter_cases(REALCT):
-        if case.image is None or not case.truth:
-            continue
-        try:
-            maps, level_evidence = predict_evidence(case.image, model, "cpu")
-            result = locate(maps, LocateOptions(**model.locate_settings), level_evidence=level_evidence)
-        except VertebraIDError as exc:
-            lines.append(f"{case.name}: {exc}")
-            continue
-        evaluation = evaluate_case(result.vertebrae, case.truth, name=case.name)
-        if model.labeller is not None:
-            alone = evaluate_case(maps_only(result.prepared, LocateOptions(**model.locate_settings)).vertebrae,
-                                  case.truth)
-            totals = [t + x for t, x in zip(totals, (evaluation.num_identified, alone.num_identified, evaluation.num_gt))]
-        strongest += strongest_levels(maps, case.truth)
-        save_figure(result_figure(result, case.image, title=case.name), out_dir / f"{case.name}_qc.png")
-        found = " ".join(v.label for v in result.vertebrae) or "none"
-        lines.append(f"{case.name}: {evaluation.num_identified}/{evaluation.num_gt} identified "
-                     f"(truth {case.truth[0].label}..{case.truth[-1].label}); predicted: {found}")
-        log(lines[-1])
-    lines += ["```", ""]
-    if model.labeller is not None:
-        lines += [f"With the level labeller {totals[0]} of {totals[2]} identified; exact on the maps alone "
-                  f"{totals[1]} of {totals[2]}.", ""]
-    lines += [strongest_channel_text(strongest)]
     return "\n".join(lines)
 
 
@@ -170,7 +123,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(args.model, "cpu")
-    report = phantom_ablation(model, args.phantoms, args.seed, print) + "\n" + real_scans(model, args.out_dir, print)
+    report = phantom_ablation(model, args.phantoms, args.seed, print)
     print(report)
     write_text_atomic(args.out_dir / "network_eval.md", report + "\n")
     return 0

@@ -22,12 +22,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "VertebraID"))
 
-from VertebraIDLib.anatomy import LABEL_IDS  # noqa: E402
-from VertebraIDLib.datasets import TOTALSEG_LEVELS, TOTALSEG_SACRUM, load_case, read_label_mask  # noqa: E402
-from VertebraIDLib.phantom import generate_phantom  # noqa: E402
-from VertebraIDLib.phantom.morphometry import FEMALE_SCALE, PUBLISHED  # noqa: E402
-from VertebraIDLib.qc import render_views  # noqa: E402
-from VertebraIDLib.volume import read_image  # noqa: E402
+from VertebraIDLib.engine.anatomy import LABEL_IDS
+from VertebraIDLib.evaluation.qc import render_views
+from VertebraIDLib.io.cases import (
+    TOTALSEG_LEVELS,
+    TOTALSEG_SACRUM,
+    load_case,
+    read_label_mask,
+)
+from VertebraIDLib.io.images import read_image
+from VertebraIDLib.synthetic.phantom import generate_phantom
+from VertebraIDLib.synthetic.phantom.morphometry import FEMALE_SCALE, PUBLISHED
 
 REALCT = ROOT.parent / "shared" / "data" / "realct"
 CROP_MM = 160.0  # views show this far to each side of the spine

@@ -17,10 +17,9 @@ import argparse  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-
-from VertebraIDLib import optimize as opt  # noqa: E402
-from VertebraIDLib.pipeline import LocateOptions, prepare, solve  # noqa: E402
-from VertebraIDLib.simulate import simulate_case  # noqa: E402
+from VertebraIDLib.engine.pipeline import prepare, solve
+from VertebraIDLib.engine.settings import EngineSettings
+from VertebraIDLib.synthetic.simulate import simulate_case
 
 CASES = [
     ("lumbar L1-S2", ("L1", "S2"), 2.0),
@@ -36,9 +35,9 @@ def time_case(levels, spacing, repeats):
     case = simulate_case(7, spacing_mm=spacing, difficulty="typical", levels=levels)
     rows = []
     for _ in range(repeats):
-        prepared = prepare(case.heatmaps, LocateOptions())
+        prepared = prepare(case.heatmaps, EngineSettings())
         t0 = time.perf_counter()
-        result = solve(prepared, LocateOptions())
+        result = solve(prepared, EngineSettings())
         solve_s = time.perf_counter() - t0
         rows.append({**prepared.timings_s, **result.timings_s, "solve_total": solve_s})
     med = {k: float(np.median([r.get(k, 0.0) for r in rows])) for k in rows[0]}

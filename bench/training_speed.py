@@ -18,8 +18,7 @@ from pathlib import Path
 
 def _stream(config, workers: int):
     import torch
-
-    from VertebraIDLib.training import _patch_stream_class
+    from VertebraIDLib.training.data import _patch_stream_class
 
     stream = _patch_stream_class()(config, 0, 0, 1, [])
     return torch.utils.data.DataLoader(stream, batch_size=config.train.batch_size, num_workers=workers)
@@ -49,9 +48,10 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
-
-    from VertebraIDLib.network import build_network, resolve_device
-    from VertebraIDLib.training import load_config, train_step
+    from VertebraIDLib.networks.bundle import resolve_device
+    from VertebraIDLib.networks.heatmap import build_network
+    from VertebraIDLib.training.config import load_config
+    from VertebraIDLib.training.heatmap import train_step
 
     config = load_config(args.config)
     # enough cases for the timed batches, whatever the configured epoch size

@@ -24,12 +24,11 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-
-from VertebraIDLib.fileio import write_text_atomic  # noqa: E402
-from VertebraIDLib.formats import read_vid_detections, read_vid_ground_truth  # noqa: E402
-from VertebraIDLib.metrics import evaluate_case, format_table, summarize  # noqa: E402
-from VertebraIDLib.pipeline import LocateOptions  # noqa: E402
-from VertebraIDLib.points import label_points  # noqa: E402
+from VertebraIDLib.engine.points import label_points
+from VertebraIDLib.engine.settings import EngineSettings
+from VertebraIDLib.evaluation.metrics import evaluate_case, format_table, summarize
+from VertebraIDLib.io.files import write_text_atomic
+from VertebraIDLib.io.formats import read_vid_detections, read_vid_ground_truth
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "vid" / "train"
 
@@ -39,7 +38,7 @@ def run_case(pred_path: str):
     positions, probabilities = read_vid_detections(pred_path)
     truth = read_vid_ground_truth(pred_path.parent.parent / "gt" / pred_path.name)
     t0 = time.perf_counter()
-    labelling = label_points(positions, probabilities, LocateOptions(transitional=True))
+    labelling = label_points(positions, probabilities, EngineSettings(transitional=True))
     seconds = time.perf_counter() - t0
     evaluation = evaluate_case(labelling.vertebrae, truth, name=pred_path.stem)
     undetected = sum(

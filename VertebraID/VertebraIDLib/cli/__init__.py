@@ -21,11 +21,13 @@ COMMAND_MODULES = [
     "show",
     "train",
     "train_labeller",
+    "tune_engine",
     "detect",
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `vertebraid` parser with every sub-command registered."""
     parser = argparse.ArgumentParser(
         prog="vertebraid",
         description="Find and name every vertebra in a CT scan (Wang et al., CVPR 2021).",
@@ -38,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `vertebraid` with `argv`; a user's error is one sentence on stderr and exit status 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -1,21 +1,23 @@
-"""Pieces shared by the sub-commands: the optimiser options and writing the result files."""
+"""Pieces shared by the sub-commands: the engine options and output paths."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from ..engine.settings import METHODS, EngineSettings
 from ..errors import VertebraIDError
-from ..pipeline import METHODS, LocateOptions
 
 
-def add_locate_options(parser: argparse.ArgumentParser) -> None:
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """The optimiser options every labelling command takes."""
     parser.add_argument("--method", choices=METHODS, default="exact", help="optimiser (default: exact)")
     parser.add_argument("--no-weights", action="store_true", help="switch off the anchor weights (λ = 1 for all)")
     parser.add_argument("--transitional", action="store_true", help="allow transitional vertebrae T13 and L6")
 
 
-def locate_options(args, **overrides) -> LocateOptions:
-    return LocateOptions(method=args.method, weighted=not args.no_weights, transitional=args.transitional, **overrides)
+def engine_settings(args) -> EngineSettings:
+    """EngineSettings from the parsed engine options."""
+    return EngineSettings(method=args.method, weighted=not args.no_weights, transitional=args.transitional)
 
 
 def check_output_path(path: str | None, what: str) -> Path | None:

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..formats import read_points_json, write_vertebrae_json
-from ..points import label_points
-from ._common import add_locate_options, check_output_path, locate_options
+from ..engine.points import label_points
+from ..io.formats import read_points_json, write_vertebrae_json
+from ._common import add_engine_options, check_output_path, engine_settings
 
 
 def register(subparsers) -> None:
+    """Add `label-points` to the sub-commands."""
     parser = subparsers.add_parser(
         "label-points",
         help="label unlabelled 3-D points (detections of any detector)",
@@ -18,15 +19,16 @@ def register(subparsers) -> None:
     )
     parser.add_argument("points", help='JSON: {"coordinate_system": "LPS"|"RAS", "points": [{"position": [x,y,z], "probabilities": {...}}]}')
     parser.add_argument("-o", "--output", required=True, help="vertebrae JSON to write (in the input's coordinate system)")
-    add_locate_options(parser)
+    add_engine_options(parser)
     parser.add_argument("--points-only", action="store_true", help="leave out vertebrae inferred where no point was given")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
+    """Run `vertebraid label-points`; returns the exit status."""
     out = check_output_path(args.output, "output")
     positions, probabilities, system = read_points_json(args.points)
-    labelling = label_points(positions, probabilities, locate_options(args), include_inferred=not args.points_only)
+    labelling = label_points(positions, probabilities, engine_settings(args), include_inferred=not args.points_only)
     write_vertebrae_json(
         out,
         labelling.vertebrae,

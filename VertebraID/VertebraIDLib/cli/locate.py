@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import time
 
-from ..formats import write_markups_json, write_vertebrae_json, write_verse_ctd
-from ..pipeline import locate
-from ..volume import Volume, read_nifti
-from ._common import add_locate_options, check_output_path, locate_options
+from ..engine.pipeline import locate
+from ..engine.volume import Volume
+from ..io.images import read_nifti
+from ..jobs.outputs import write_result_files
+from ._common import add_engine_options, check_output_path, engine_settings
 
 
 def register(subparsers) -> None:
+    """Add `locate` to the sub-commands."""
     parser = subparsers.add_parser(
         "locate",
         help="label vertebrae from 26 activation maps (4-D NIfTI)",
@@ -18,7 +20,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("heatmaps", help="4-D NIfTI with 26 channels on the last axis")
     parser.add_argument("-o", "--output", required=True, help="vertebrae JSON to write")
-    add_locate_options(parser)
+    add_engine_options(parser)
     parser.add_argument("--markups", help="also write a Slicer markups point list (.mrk.json)")
     parser.add_argument("--ctd", help="also write VerSe centroid JSON (voxel coordinates of the maps' grid)")
     parser.add_argument("--picture", help="also write a PNG of the maps, centreline, straightened spine and 1-D signals")
@@ -26,30 +28,18 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    """Run `vertebraid locate`; returns the exit status."""
     outputs = {k: check_output_path(getattr(args, k), k) for k in ("output", "markups", "ctd", "picture")}
-    options = locate_options(args)
+    settings = engine_settings(args)
     t0 = time.perf_counter()
     heatmaps = read_nifti(args.heatmaps)
     read_s = time.perf_counter() - t0
-    result = locate(heatmaps, options)
-    timings = {"read": read_s, **result.timings_s}
-    write_vertebrae_json(
-        outputs["output"],
-        result.vertebrae,
-        "RAS",
-        method=result.method,
-        energy=None if result.energy != result.energy else round(float(result.energy), 4),
-        spine_found=result.centerline is not None,
-        timings_s={k: round(v, 4) for k, v in timings.items()},
+    result = locate(heatmaps, settings)
+    write_result_files(
+        result, outputs["output"], markups=outputs["markups"], ctd=outputs["ctd"],
+        ctd_reference=Volume(heatmaps.array[..., 0], heatmaps.affine), picture=outputs["picture"],
+        timings_s={k: round(v, 4) for k, v in {"read": read_s, **result.timings_s}.items()},
     )
-    if outputs["markups"]:
-        write_markups_json(outputs["markups"], result.vertebrae)
-    if outputs["ctd"]:
-        write_verse_ctd(outputs["ctd"], result.vertebrae, Volume(heatmaps.array[..., 0], heatmaps.affine))
-    if outputs["picture"]:
-        from ..qc import result_figure, save_figure
-
-        save_figure(result_figure(result), outputs["picture"])
     labels = " ".join(v.label for v in result.vertebrae) or "none"
     print(f"{len(result.vertebrae)} vertebrae ({labels}) -> {outputs['output']}")
     return 0

@@ -1,4 +1,4 @@
-"""`vertebraid phantom`: synthetic spine CTs with ground truth (see VertebraIDLib.phantom).
+"""`vertebraid phantom`: synthetic spine CTs with ground truth (see VertebraIDLib.synthetic.phantom).
 
 Case k (0-based) of a run uses seed S + k and is named `<prefix><S + k>` (six digits); its
 files are `<case>_ct.nii.gz` (int16 HU), `<case>_seg-vert_msk.nii.gz` (VerSe ids),
@@ -11,11 +11,20 @@ import time
 from pathlib import Path
 
 from ..errors import VertebraIDError
-from ..phantom import PATHOLOGIES, TRANSITIONAL, PhantomOptions, generate_phantom, write_phantom
-from ..phantom.options import REGION_PRESETS
+from ..evaluation.qc import render_views, save_figure
+from ..synthetic.phantom import (
+    PATHOLOGIES,
+    TRANSITIONAL,
+    PhantomOptions,
+    generate_phantom,
+    write_phantom,
+)
+from ..synthetic.phantom.io import case_paths
+from ..synthetic.phantom.options import REGION_PRESETS
 
 
 def register(subparsers) -> None:
+    """Add `phantom` to the sub-commands."""
     parser = subparsers.add_parser(
         "phantom",
         help="generate synthetic spine CT phantoms with ground truth",
@@ -75,6 +84,7 @@ def _shape(text):
 
 
 def options_from_args(args) -> PhantomOptions:
+    """PhantomOptions from the parsed arguments (unset ones stay random)."""
     return PhantomOptions(
         levels=args.levels, cut=args.cut, spacing=args.spacing, shape=_shape(args.shape), matrix=args.matrix,
         max_slices=args.max_slices, orientation=args.orientation, oblique_deg=args.oblique,
@@ -85,6 +95,7 @@ def options_from_args(args) -> PhantomOptions:
 
 
 def run(args) -> int:
+    """Run `vertebraid phantom`; returns the exit status."""
     if args.n < 1:
         raise VertebraIDError(f"--n must be at least 1, got {args.n}.")
     if args.seed < 0:
@@ -94,8 +105,6 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise VertebraIDError(f"The output '{out}' is a file; give a folder.")
-    from ..phantom.io import case_paths
-
     case_paths(out, f"{args.prefix}{args.seed:06d}")  # the prefix must make valid file names
     for k in range(args.n):
         seed = args.seed + k
@@ -104,8 +113,6 @@ def run(args) -> int:
         phantom = generate_phantom(seed, options)
         written = write_phantom(phantom, out, case)
         if args.preview:
-            from ..qc import render_views, save_figure
-
             fig = render_views(phantom.ct, phantom.truth, title=case)
             save_figure(fig, out / f"{case}_views.png")
         if not args.quiet:

@@ -1,7 +1,7 @@
 """`vertebraid show`: a picture (sagittal and coronal slab MIPs) of a CT with labelled vertebrae.
 
 CASE is an image file, a DICOM folder or a case folder; vertebrae are taken from --points,
-else from the files beside the image (see VertebraIDLib.datasets). The picture is written to
+else from the files beside the image (see VertebraIDLib.io.cases). The picture is written to
 -o, or to `<case>_views.png` in the current folder.
 """
 from __future__ import annotations
@@ -9,9 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import VertebraIDError
+from ..evaluation.qc import render_views, save_figure
+from ..io.cases import load_case
+from ..io.formats import read_vertebrae_any
 
 
 def register(subparsers) -> None:
+    """Add `show` to the sub-commands."""
     parser = subparsers.add_parser(
         "show",
         help="save sagittal and coronal views of a CT with its labelled vertebrae",
@@ -39,10 +43,7 @@ def _window(text):
 
 
 def run(args) -> int:
-    from ..datasets import load_case
-    from ..formats import read_vertebrae_any
-    from ..qc import render_views, save_figure
-
+    """Run `vertebraid show`; returns the exit status."""
     window = _window(args.window)
     if not args.slab > 0:
         raise VertebraIDError(f"--slab must be positive, got {args.slab:g}.")

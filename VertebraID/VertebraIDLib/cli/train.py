@@ -1,8 +1,14 @@
-"""`vertebraid train CONFIG [--resume]`: train the heatmap network (see training.py)."""
+"""`vertebraid train CONFIG [--resume]`: train the heatmap network (see training/heatmap.py)."""
 from __future__ import annotations
+
+from pathlib import Path
+
+from ..training.config import load_config, validate_config
+from ..training.heatmap import train
 
 
 def register(subparsers) -> None:
+    """Add `train` to the sub-commands."""
     parser = subparsers.add_parser(
         "train",
         help="train the heatmap network from a configuration (TOML or JSON)",
@@ -23,10 +29,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from ..training import load_config, train, validate_config
-
+    """Run `vertebraid train`; returns the exit status."""
     config = load_config(args.config)
     if args.device:
         config.device = args.device

@@ -1,10 +1,12 @@
-"""`vertebraid train-labeller --model M`: train the level labeller for a heatmap model (labeller.py)."""
+"""`vertebraid train-labeller --model M`: train the level labeller for a heatmap model."""
 from __future__ import annotations
 
 from ..errors import VertebraIDError
+from ..training.labeller import train_for_model
 
 
 def register(subparsers) -> None:
+    """Add `train-labeller` to the sub-commands."""
     parser = subparsers.add_parser(
         "train-labeller",
         help="train the level labeller (whole-spine level evidence) for a heatmap model",
@@ -24,14 +26,9 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import torch
-
-    from ..labeller import train_for_model
-
+    """Run `vertebraid train-labeller`; returns the exit status."""
     if args.threads < 0:
         raise VertebraIDError("--threads must not be negative.")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     train_for_model(args.model, args.samples, args.phantoms, args.minutes, args.seed, args.attach,
-                    log=lambda message: print(message, flush=True))
+                    log=lambda message: print(message, flush=True), threads=args.threads)
     return 0

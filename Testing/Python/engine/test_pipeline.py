@@ -1,0 +1,159 @@
+"""The whole engine on simulated activation maps: partial fields of view, orientations, methods."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from VertebraIDLib.engine.anatomy import LEVELS_26
+from VertebraIDLib.engine.corrections import Constraint
+from VertebraIDLib.engine.pipeline import locate, prepare, solve
+from VertebraIDLib.engine.progress import Cancelled
+from VertebraIDLib.engine.settings import EngineSettings
+from VertebraIDLib.engine.volume import Volume
+from VertebraIDLib.errors import VertebraIDError
+from VertebraIDLib.evaluation.metrics import evaluate_case
+from VertebraIDLib.synthetic.simulate import simulate_case
+
+
+@pytest.mark.parametrize("seed,levels", [(1, ("C1", "S2")), (2, ("C3", "T6")), (3, ("T9", "S2")), (4, ("L1", "L5"))])
+def test_clean_maps_are_labelled_exactly_whatever_field_of_view(seed, levels):
+    case = simulate_case(seed, spacing_mm=3.0, difficulty="clean", levels=levels)
+    result = locate(case.heatmaps)
+    evaluation = evaluate_case(result.vertebrae, case.truth)
+    assert evaluation.all_correct
+    assert [v.label for v in result.vertebrae] == [v.label for v in case.truth]
+    errors = [np.linalg.norm(p.position - t.position) for p, t in zip(result.vertebrae, case.truth)]
+    assert max(errors) < 4.0
+
+
+@pytest.mark.slow
+def test_typical_network_failures_are_repaired_better_than_argmax():
+    found = {"exact": 0, "base": 0}
+    total = 0
+    for seed in range(10):
+        case = simulate_case(100 + seed, spacing_mm=3.0, difficulty="typical")
+        prepared = prepare(case.heatmaps)
+        for method in found:
+            found[method] += evaluate_case(solve(prepared, EngineSettings(method=method)).vertebrae, case.truth).num_identified
+        total += len(case.truth)
+    assert found["exact"] / total > 0.85
+    assert found["exact"] > found["base"]
+
+
+def test_all_methods_run_and_exact_has_the_lowest_energy():
+    case = simulate_case(11, spacing_mm=3.0, difficulty="typical")
+    prepared = prepare(case.heatmaps)
+    energies = {}
+    for method in ("exact", "paper", "order", "rect", "base"):
+        for weighted in (True, False):
+            result = solve(prepared, EngineSettings(method=method, weighted=weighted))
+            assert all(np.isfinite(v.position).all() for v in result.vertebrae)
+            energies[method, weighted] = result.energy
+    for weighted in (True, False):
+        slack = 1e-6 * abs(energies["paper", weighted])
+        assert energies["exact", weighted] <= energies["paper", weighted] + slack
+        assert energies["exact", weighted] <= energies["order", weighted] + slack
+
+
+def test_all_zero_maps_give_zero_vertebrae():
+    result = locate(Volume(np.zeros((20, 20, 30, 26), np.float32), np.diag([2.0, 2.0, 2.0, 1.0])))
+    assert result.vertebrae == [] and result.centerline is None
+
+
+def test_bad_maps_are_refused_with_one_sentence():
+    with pytest.raises(VertebraIDError, match="26 channels"):
+        locate(Volume(np.zeros((5, 5, 5, 3), np.float32), np.eye(4)))
+    with pytest.raises(VertebraIDError, match="4-D"):
+        locate(Volume(np.zeros((5, 5, 5), np.float32), np.eye(4)))
+    bad = np.zeros((5, 5, 5, 26), np.float32)
+    bad[1, 1, 1, 1] = np.nan
+    with pytest.raises(VertebraIDError, match="NaN"):
+        locate(Volume(bad, np.eye(4)))
+
+
+def test_a_users_fixed_label_relabels_the_whole_chain():
+    # A result shifted by one on purpose: every vertebra also fires, more strongly, in the channel
+    # of the level above it, so the optimiser names each one level too high. The user fixes one
+    # vertebra's label; all the others must follow.
+    case = simulate_case(21, spacing_mm=3.0, difficulty="clean", levels=("T3", "T11"))
+    own = case.heatmaps.array
+    shifted = 0.85 * own
+    shifted[..., :-1] = np.maximum(shifted[..., :-1], own[..., 1:])
+    maps = Volume(shifted, case.heatmaps.affine)
+    prepared = prepare(maps)
+    first = solve(prepared)
+    assert evaluate_case(first.vertebrae, case.truth).num_identified == 0
+    t7 = next(v for v in case.truth if v.label == "T7")
+    fixed = solve(prepared, constraints=[Constraint("T7", t7.position)])
+    evaluation = evaluate_case(fixed.vertebrae, case.truth)
+    assert evaluation.all_correct
+    assert next(v for v in fixed.vertebrae if v.label == "T7").locked
+
+
+def test_progress_can_cancel():
+    case = simulate_case(5, spacing_mm=4.0, difficulty="clean", levels=("L1", "S2"))
+    seen = []
+
+    def progress(fraction, message):
+        seen.append(fraction)
+        return fraction >= 0.4
+
+    with pytest.raises(Cancelled):
+        locate(case.heatmaps, progress=progress)
+    assert seen and max(seen) < 0.7
+
+
+@pytest.mark.parametrize("setting", [{"centreline_threshold": 0.0}, {"centreline_threshold": 1.2}, {"evidence_weight": -1.0},
+                                     {"evidence_floor": float("nan")}, {"confidence_temperature": 0.0},
+                                     {"evidence_weight": True}, {"gap_fraction_min": 0.0}, {"gap_fraction_min": 1.5},
+                                     {"gap_fraction_min": "0.7"}])
+def test_out_of_range_optimiser_settings_are_refused(setting):
+    with pytest.raises(VertebraIDError):
+        EngineSettings(**setting)
+
+
+def test_a_higher_temperature_makes_confidences_less_certain_not_the_labels_different():
+    prepared = prepare(simulate_case(11, spacing_mm=3.0, difficulty="hard").heatmaps, EngineSettings())
+    sharp = solve(prepared, EngineSettings(confidence_temperature=1.0)).vertebrae
+    soft = solve(prepared, EngineSettings(confidence_temperature=50.0)).vertebrae
+    assert [v.label for v in sharp] == [v.label for v in soft] and sharp
+    assert np.mean([v.confidence for v in soft]) < np.mean([v.confidence for v in sharp])
+
+
+def test_fixed_points_closer_than_a_models_tighter_gap_bound_still_relabel():
+    # A model may forbid gaps below 0.9 of the typical one (gap_fraction_min); the user's points
+    # win: T5 and T7 fixed closer than that still give T5, T6, T7, with the user's positions kept.
+    case = simulate_case(4, spacing_mm=3.0, difficulty="clean", levels=("T2", "T10"))
+    truth = {v.label: np.asarray(v.position, float) for v in case.truth}
+    t7 = truth["T5"] + 0.75 * (truth["T7"] - truth["T5"])
+    options = EngineSettings(gap_fraction_min=0.9)
+    prepared = prepare(case.heatmaps, options)
+    result = solve(prepared, options, constraints=[Constraint("T5", truth["T5"]), Constraint("T7", t7)])
+    names = [v.label for v in result.vertebrae]
+    assert {"T5", "T6", "T7"} <= set(names)
+    assert [LEVELS_26.index(n) for n in names] == sorted(LEVELS_26.index(n) for n in names)
+    assert np.allclose(next(v for v in result.vertebrae if v.label == "T7").position, t7)
+
+
+def test_a_fixed_point_far_from_the_spine_is_refused_with_one_sentence():
+    case = simulate_case(4, spacing_mm=3.0, difficulty="clean", levels=("T2", "T10"))
+    t5 = next(v for v in case.truth if v.label == "T5").position
+    prepared = prepare(case.heatmaps)
+    assert solve(prepared, constraints=[Constraint("T5", t5 + [20.0, 0.0, 0.0])]).vertebrae  # near: used
+    with pytest.raises(VertebraIDError, match="from the traced spine"):
+        solve(prepared, constraints=[Constraint("T5", t5 + [0.0, 200.0, 0.0])])
+
+
+def test_engine_settings_have_one_name_each_and_read_a_models_table():
+    """A model's "engine" table uses the settings' own names; files of earlier versions read too."""
+    meta = {"sigma_mm": 6.0, "engine": {"centreline_threshold": 0.05, "evidence_weight": 5120.0, "evidence_floor": 0.1,
+                                        "gap_fraction_min": 0.5, "confidence_temperature": 2048.0, "tuned_on": "x"}}
+    settings = EngineSettings(method="paper").with_metadata(meta)
+    assert (settings.method, settings.sigma_mm, settings.centreline_threshold, settings.evidence_weight,
+            settings.confidence_temperature) == ("paper", 6.0, 0.05, 5120.0, 2048.0)
+    assert EngineSettings.from_dict(settings.to_dict()) == settings
+    legacy = EngineSettings.from_dict({"threshold": 0.2, "floor": 0.0, "temperature": 8.0, "gone": 1})
+    assert (legacy.centreline_threshold, legacy.evidence_floor, legacy.confidence_temperature) == (0.2, 0.0, 8.0)
+    with pytest.raises(VertebraIDError, match="Unknown engine setting 'alpha'"):
+        settings.updated(alpha=1.0)
+    with pytest.raises(VertebraIDError):
+        EngineSettings().with_metadata({"engine": {"evidence_weight": -5.0}})

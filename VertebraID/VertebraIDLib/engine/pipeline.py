@@ -1,0 +1,278 @@
+"""Activation maps -> labelled vertebrae: the paper's steps 2-3, with every intermediate kept.
+
+    prepared = prepare(evidence, settings)    # Ĝ, centreline, rectified maps, 1-D signals
+    result = solve(prepared)                  # optimiser + back to 3-D
+    result = locate(evidence, settings)       # both
+
+`evidence` is an `Evidence` (maps with what came with them) or a bare Volume of 26 maps;
+`settings` an `EngineSettings`, to which the evidence's own (a model's σ and α...) are applied.
+`Result` keeps the intermediates so that a viewer (the Slicer module, QC pictures) shows
+them without recomputing.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from ..errors import VertebraIDError
+from . import optimize as opt
+from .anatomy import LEVELS_26, NUM_CHANNELS
+from .centerline import Centerline, trace_centerline
+from .corrections import (
+    Constraint,
+    check_constraint_labels,
+    fixed_levels,
+    pin_constraints,
+)
+from .evidence import Evidence, checked_level_signals
+from .progress import ProgressCallback, report
+from .rectify import Rectified, rectify
+from .settings import EngineSettings
+from .vertebrae import Vertebra
+from .volume import Volume
+
+
+@dataclass
+class Prepared:
+    """Everything up to the 1-D signals (independent of the optimiser method)."""
+
+    heatmaps: Volume  # the input, 26 channels
+    combined: Volume  # Ĝ on the input grid
+    centerline: Centerline | None  # None when no spine was found
+    rectified: Rectified | None  # straightened maps and 1-D signals
+    settings: EngineSettings = field(default_factory=EngineSettings)  # as applied (the evidence's own included)
+    timings_s: dict = field(default_factory=dict)
+    description: str = ""  # where the evidence came from (the evidence's description)
+
+
+@dataclass
+class Result:
+    """Labelled vertebrae (RAS), the method and energy, and every intermediate (`prepared`)."""
+
+    vertebrae: list[Vertebra]
+    method: str
+    energy: float
+    prepared: Prepared
+    timings_s: dict = field(default_factory=dict)
+
+    @property
+    def centerline(self) -> Centerline | None:
+        return self.prepared.centerline
+
+    @property
+    def rectified(self) -> Rectified | None:
+        return self.prepared.rectified
+
+
+def as_evidence(evidence: Evidence | Volume) -> Evidence:
+    """A bare Volume of 26 maps is evidence with nothing else."""
+    return evidence if isinstance(evidence, Evidence) else Evidence(evidence)
+
+
+def applied_settings(evidence: Evidence, settings: EngineSettings) -> EngineSettings:
+    """`settings` with what the evidence fixes (its σ, a model's α...); anchor weights need level evidence."""
+    return settings.updated(**evidence.settings).updated(weighted=settings.weighted and evidence.level_specific)
+
+
+def prepare(
+    evidence: Evidence | Volume,
+    settings: EngineSettings = EngineSettings(),
+    *,
+    progress: ProgressCallback | None = None,
+) -> Prepared:
+    """Ĝ, centreline, straightened maps and 1-D signals (paper §3.2).
+
+    The evidence's own Ĝ (`combined`) replaces Ĝ = Σ G_v when it defines one (rendered detector
+    points, whose per-level maps need not sum to one blob per vertebra); its `level_evidence`
+    (centreline -> (samples, 26), the level labeller's) is added to the maps' signals.
+    """
+    evidence = as_evidence(evidence)
+    settings = applied_settings(evidence, settings)
+    heatmaps = evidence.heatmaps
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    combined = evidence.combined
+    combined_is_sum = combined is None
+    if combined is None:
+        combined = Volume(heatmaps.array.sum(axis=3, dtype=np.float32), heatmaps.affine)
+    timings["combine"] = time.perf_counter() - t0
+    report(progress, 0.1, "Tracing the spine centreline")
+
+    t0 = time.perf_counter()
+    step = settings.step_mm or float(min(heatmaps.spacing))
+    line = trace_centerline(combined, threshold=settings.centreline_threshold, min_peak=settings.min_peak, step_mm=step)
+    timings["centerline"] = time.perf_counter() - t0
+    if line is None:
+        return Prepared(heatmaps, combined, None, None, settings, timings, evidence.description)
+    report(progress, 0.4, "Straightening the activation maps")
+
+    t0 = time.perf_counter()
+    rect = rectify(heatmaps, combined, line, settings.window_mm, settings.sigma_mm, combined_is_sum)
+    timings["rectify_and_signals"] = time.perf_counter() - t0
+    if evidence.level_evidence is not None:
+        report(progress, 0.6, "Naming the levels along the spine")
+        t0 = time.perf_counter()
+        rect.level_signals = checked_level_signals(evidence.level_evidence(line), len(line))
+        timings["level_labeller"] = time.perf_counter() - t0
+    return Prepared(heatmaps, combined, line, rect, settings, timings, evidence.description)
+
+
+def solve(
+    prepared: Prepared,
+    settings: EngineSettings | None = None,
+    constraints: list[Constraint] | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+) -> Result:
+    """Label the vertebrae from the 1-D signals with the chosen method; back to 3-D.
+
+    `settings` default to those `prepared` was made with (give others to try another method).
+    """
+    settings = prepared.settings if settings is None else settings
+    constraints = constraints or []
+    if constraints and settings.method != "exact":
+        raise VertebraIDError("Fixed points (re-labelling) need the exact method.")
+    if any(c.label in ("T13", "L6") for c in constraints) and not settings.transitional:
+        settings = settings.updated(transitional=True)
+    labels = settings.labels
+    check_constraint_labels(constraints, labels)
+    timings: dict[str, float] = {}
+    rect = prepared.rectified
+    if rect is None:
+        if constraints:
+            raise VertebraIDError("No spine was found, so fixed points cannot be used.")
+        return Result([], settings.method, 0.0, prepared, timings)
+    report(progress, 0.7, "Labelling the vertebrae")
+
+    t0 = time.perf_counter()
+    if settings.method == "base":
+        vertebrae = _base_method(prepared)
+        energy = float("nan")
+    else:
+        model = opt.build_energy(rect.evidence, labels, rect.step_mm, settings)
+        fixed = []
+        if settings.method == "rect":
+            chain = _rect_method(model)
+        elif settings.method == "order":
+            chain = opt.solve_order(model, rect.combined_signal)
+        elif settings.method == "paper":
+            chain = opt.solve_paper(model, rect.combined_signal)
+        else:
+            fixed = fixed_levels(rect.grid.centerline, labels, constraints)
+            model = opt.exempt_fixed_gaps(model, fixed)
+            try:
+                chain = opt.solve_exact(model, fixed)
+            except opt.InconsistentFixedPoints:
+                # The user's points win over the shortest-gap bound: lower it just enough for them.
+                relaxed = opt.gap_fraction_fitting(fixed, labels, rect.step_mm, settings.gap_fraction_min)
+                if relaxed is None:
+                    raise
+                model = replace(model, params=model.params.updated(gap_fraction_min=relaxed))  # unary unchanged
+                chain = opt.solve_exact(model, fixed)
+        timings["optimize"] = time.perf_counter() - t0
+        confidences = None
+        if settings.method == "exact":
+            t1 = time.perf_counter()
+            prob = opt.marginals(model, fixed)
+            radius = max(1, int(round(settings.confidence_radius_mm / rect.step_mm)))
+            confidences = opt.chain_confidence(prob, chain, radius)
+            timings["confidence"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        vertebrae = chain_to_vertebrae(rect, chain, labels, confidences)
+        pin_constraints(vertebrae, constraints)
+        timings["to_3d"] = time.perf_counter() - t1
+        energy = chain.energy
+    timings.setdefault("optimize", time.perf_counter() - t0)
+    report(progress, 1.0, "Done")
+    return Result(vertebrae, settings.method, energy, prepared, timings)
+
+
+def locate(
+    evidence: Evidence | Volume,
+    settings: EngineSettings = EngineSettings(),
+    constraints: list[Constraint] | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+) -> Result:
+    """The whole of steps 2-3: activation maps -> labelled vertebrae in RAS."""
+    prepared = prepare(evidence, settings, progress=progress)
+    result = solve(prepared, None, constraints, progress=progress)
+    result.timings_s = {**prepared.timings_s, **result.timings_s}
+    return result
+
+
+# --------------------------------------------------------------------------- back to 3-D
+
+
+def _refine_peak(signal: np.ndarray, k: int) -> float:
+    """Sub-sample peak position near k by a parabola through the signal's local maximum."""
+    lo, hi = max(0, k - 1), min(len(signal), k + 2)
+    j = lo + int(np.argmax(signal[lo:hi]))
+    if 0 < j < len(signal) - 1:
+        a, b, c = signal[j - 1], signal[j], signal[j + 1]
+        denom = a - 2 * b + c
+        if denom < 0:
+            return j + float(np.clip(0.5 * (a - c) / denom, -0.5, 0.5))
+    return float(j)
+
+
+def _in_plane_peak(plane: np.ndarray, half_width: int, step_mm: float, radius_mm: float = 20.0):
+    """(x, y) of the activation peak in a normal plane, near the centreline."""
+    n = plane.shape[0]
+    xx, yy = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    near = np.hypot(xx - half_width, yy - half_width) * step_mm <= radius_mm
+    masked = np.where(near, plane, -np.inf)
+    top = float(masked.max())
+    if not np.isfinite(top) or top <= 0:
+        return float(half_width), float(half_width)
+    i, j = np.unravel_index(int(np.argmax(masked)), plane.shape)
+    box = max(1, int(round(6.0 / step_mm)))
+    sl = (slice(max(0, i - box), i + box + 1), slice(max(0, j - box), j + box + 1))
+    w = np.clip(plane[sl] - 0.5 * top, 0, None)
+    if w.sum() <= 0:
+        return float(i), float(j)
+    return float((xx[sl] * w).sum() / w.sum()), float((yy[sl] * w).sum() / w.sum())
+
+
+def chain_to_vertebrae(rect, chain, labels, confidences=None) -> list[Vertebra]:
+    """Map each labelled position on the straightened axis back to RAS, refined in its plane."""
+    out = []
+    hw = rect.grid.half_width
+    for i, (lvl, k) in enumerate(zip(chain.levels, chain.positions)):
+        z = _refine_peak(rect.combined_signal, int(k))
+        plane = rect.combined[:, :, int(round(z))]
+        x, y = _in_plane_peak(plane, hw, rect.step_mm)
+        position = rect.grid.to_world(np.array(x), np.array(y), np.array(z))
+        conf = 1.0 if confidences is None else confidences[i]
+        out.append(Vertebra(labels.levels[lvl], position, conf, extra={"axis_index": float(z)}))
+    return out
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def _base_method(prepared: Prepared) -> list[Vertebra]:
+    """Table 2's 'base': the argmax of each 3-D map, kept if it is a real peak."""
+    maps = prepared.heatmaps
+    peaks = maps.array.reshape(-1, NUM_CHANNELS).max(axis=0)
+    keep = peaks >= 0.3 * peaks.max() if peaks.max() > 0 else np.zeros(NUM_CHANNELS, bool)
+    out = []
+    for c in np.nonzero(keep)[0]:
+        ijk = np.unravel_index(int(np.argmax(maps.array[..., c])), maps.shape3)
+        out.append(Vertebra(LEVELS_26[c], maps.voxel_to_world(np.array(ijk))))
+    return out
+
+
+def _rect_method(model: opt.EnergyModel) -> opt.Chain:
+    """Table 2's 'base+rect': the argmax of each level's 1-D signal, kept above the floor."""
+    levels, positions = [], []
+    for lvl, name in enumerate(model.labels.levels):
+        if name in ("T13", "L6"):
+            continue
+        k = int(np.argmin(model.unary[lvl]))
+        if model.unary[lvl, k] < 0:
+            levels.append(lvl)
+            positions.append(k)
+    return opt.Chain(levels, positions, float("nan"))

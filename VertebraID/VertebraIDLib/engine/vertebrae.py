@@ -1,0 +1,50 @@
+"""A labelled vertebra: the unit every output format and metric works with."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .anatomy import LABEL_IDS, LabelSet, region
+
+#: Below this confidence a label is more likely wrong than right: shown as one to check.
+CHECK_BELOW_CONFIDENCE = 0.5
+
+
+@dataclass
+class Vertebra:
+    """One vertebra: level name, body centre in RAS mm, and how sure we are of its label."""
+
+    label: str
+    position: np.ndarray  # RAS millimetres, shape (3,)
+    confidence: float = 1.0
+    source_index: int | None = None  # the input point it labels (label-points)
+    locked: bool = False  # fixed by a user: the optimiser keeps it as a hard constraint
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.position = np.asarray(self.position, dtype=float).reshape(3)
+
+    @property
+    def index(self) -> int:
+        return LABEL_IDS[self.label]
+
+    @property
+    def region(self) -> str:
+        return region(self.label)
+
+    @property
+    def needs_check(self) -> bool:
+        """A solver's label that is more likely wrong than right (a user's fixed point never is)."""
+        return not self.locked and self.confidence < CHECK_BELOW_CONFIDENCE
+
+    @property
+    def confidence_text(self) -> str:
+        """What markups descriptions say: 'confidence 0.32 (check)'."""
+        return f"confidence {float(self.confidence):.2f}" + (" (check)" if self.needs_check else "")
+
+
+def sort_by_level(vertebrae: list[Vertebra]) -> list[Vertebra]:
+    """Cranial to caudal by anatomical order (T13 after T12, L6 after L5)."""
+    order = LabelSet.standard(transitional=True).levels
+    return sorted(vertebrae, key=lambda v: order.index(v.label))

@@ -1,0 +1,140 @@
+"""CT -> evidence -> labelled vertebrae with a trained model: the one path every face uses.
+
+    model = load_model("model.safetensors", "auto")
+    result = detect(ct, model, EngineSettings(), progress=progress)   # pipeline.Result
+    evidence = predict_evidence(ct, model, "auto", progress)            # Evidence for pipeline.locate
+    heatmaps = predict_heatmaps(ct, model)                               # the 26 maps alone
+
+`detect` is what `vertebraid detect`, the Slicer module, the benches and the training
+validation run, so that a number measured in one place holds in the others.
+
+The CT is prepared once (`preprocess.py`) for both networks. Inference: MONAI
+`SlidingWindowInferer` with Gaussian blending over patches of the model's patch size; the
+stitched output stays on the CPU, so GPU memory holds only a few patches (memory-bounded for
+any scan size). On CUDA the network runs under float16 autocast (a regression of smooth blobs
+does not need float32), on the CPU in float32. The progress callback is called after every
+window; returning True raises `Cancelled`. Outputs are clipped at 0 (a Gaussian map is
+non-negative) and returned channels-last on the model grid with its RAS affine;
+`compact=True` returns float16 (half the memory; the pipeline accepts it).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from ..engine import pipeline
+from ..engine.corrections import Constraint
+from ..engine.evidence import Evidence, LevelEvidence
+from ..engine.progress import ProgressCallback, report, scaled
+from ..engine.settings import EngineSettings
+from ..engine.volume import Volume
+from ..errors import VertebraIDError
+from .bundle import Model, resolve_device
+from .labeller import level_signals
+from .preprocess import preprocess
+
+
+def _window_count(shape, roi, overlap: float) -> int:
+    count = 1
+    for size, r in zip(shape, roi):
+        if size <= r:
+            continue
+        step = max(int(r * (1 - overlap)), 1)
+        count *= math.ceil((size - r) / step) + 1
+    return count
+
+
+def predict_heatmaps(
+    ct: Volume,
+    model: Model,
+    device: str = "auto",
+    progress: ProgressCallback | None = None,
+    *,
+    overlap: float = 0.25,
+    sw_batch_size: int = 1,
+    compact: bool = False,
+) -> Volume:
+    """The 26 activation maps of a CT on the model's grid (RAS), float32 (float16 when compact)."""
+    return predict_evidence(ct, model, device, progress, overlap=overlap, sw_batch_size=sw_batch_size,
+                            compact=compact).heatmaps
+
+
+def predict_evidence(
+    ct: Volume,
+    model: Model,
+    device: str = "auto",
+    progress: ProgressCallback | None = None,
+    *,
+    overlap: float = 0.25,
+    sw_batch_size: int = 1,
+    compact: bool = False,
+) -> Evidence:
+    """The model's evidence for a CT: its 26 maps, its settings, and its level labeller (if it has one)
+    reading the same prepared CT along the traced centreline."""
+    import torch
+    from monai.inferers import SlidingWindowInferer
+
+    if not isinstance(model, Model):
+        raise VertebraIDError("Network inference needs a model from networks.bundle.load_model.")
+    torch_device = resolve_device(device) if device is not None else model.device
+    report(progress, 0.0, "Preparing the CT for the network")
+    image = preprocess(ct, model.spacing_mm, model.hu_window)
+    network = model.network.to(torch_device).eval()
+    roi = model.patch_size
+    total = _window_count(image.shape3, roi, overlap)
+    done = [0]
+
+    def run_windows(batch):
+        with torch.autocast("cuda", dtype=torch.float16, enabled=torch_device.type == "cuda"):
+            out = network(batch)
+        done[0] += batch.shape[0]
+        report(progress, 0.05 + 0.95 * min(done[0] / total, 1.0), f"Network: window {min(done[0], total)} of {total}")
+        return out.float()
+
+    inferer = SlidingWindowInferer(
+        roi_size=roi, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian",
+        sw_device=torch_device, device=torch.device("cpu"), padding_mode="constant", cval=0.0,
+    )
+    tensor = torch.from_numpy(image.array)[None, None]
+    with torch.inference_mode():
+        output = (inferer(tensor, run_windows)[0] / model.heatmap_height).clamp(min=0.0)
+    dtype = np.float16 if compact else np.float32
+    maps = np.ascontiguousarray(np.moveaxis(output.numpy(), 0, -1), dtype=dtype)
+    description = f"network model {model.path.name if model.path else '(in memory)'}"
+    if model.labeller is not None:
+        description += " with its level labeller"
+    return Evidence(Volume(maps, image.affine), None, description, model.engine_settings,
+                    level_evidence=_level_evidence(image, model))
+
+
+def _level_evidence(image: Volume, model: Model) -> LevelEvidence | None:
+    """The labeller reading the heatmap network's own input along a centreline (None without one)."""
+    if model.labeller is None:
+        return None
+    network, config = model.labeller
+    return lambda centerline: level_signals(network, image, centerline, config)
+
+
+def detect(
+    ct: Volume,
+    model: Model,
+    settings: EngineSettings = EngineSettings(),
+    constraints: list[Constraint] | None = None,
+    *,
+    device: str | None = None,
+    progress: ProgressCallback | None = None,
+) -> pipeline.Result:
+    """CT -> the model's evidence -> the engine -> labelled vertebrae (RAS).
+
+    `settings` are the user's (method, transitional...); the model's own (its σ, α, floor,
+    centreline threshold, temperature) are applied over them. `constraints`: the user's fixed
+    points (Re-label). `device` None: where the model is.
+    """
+    t0 = time.perf_counter()
+    evidence = predict_evidence(ct, model, device, scaled(progress, 0.0, 0.8))
+    network_s = time.perf_counter() - t0
+    result = pipeline.locate(evidence, settings, constraints, progress=scaled(progress, 0.8, 1.0))
+    result.timings_s = {"network": network_s, **result.timings_s}
+    return result

@@ -1,0 +1,184 @@
+"""Training the level labeller (`networks/labeller.py`) on phantoms, on a CPU in minutes.
+
+    vertebraid train-labeller --model M --samples DIR [--phantoms 2000] [--minutes 30] [--attach]
+
+Each phantom gives one sample: its windowed CT straightened along the true centreline (jittered
+and extended past the end vertebrae, as a traced one is), stored as `<seed>.npz` so that a rerun
+only adds missing ones. Training draws random fields of view, mirrors, in-plane shifts, contrast
+and noise; the targets are a Gaussian bump per level along the spine; BCE, AdamW, cosine
+schedule over the time budget.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..engine.anatomy import CHANNEL_OF, NUM_CHANNELS
+from ..engine.centerline import centerline_through
+from ..errors import VertebraIDError
+from ..io.files import PathLike, atomic_path
+from ..networks.bundle import (
+    attach_labeller,
+    model_paths,
+    read_model_metadata,
+    save_labeller,
+)
+from ..networks.labeller import LabellerConfig, build_labeller, straighten_image
+from ..networks.preprocess import preprocess
+from ..synthetic.phantom import generate_phantom
+
+
+def target_signals(positions: np.ndarray, length: int, config: LabellerConfig) -> np.ndarray:
+    """(26, Z) Gaussian bumps of height 1 at each (channel, fractional plane index) of `positions`."""
+    target = np.zeros((NUM_CHANNELS, length), np.float32)
+    k = np.arange(length)
+    sigma = config.sigma_mm / config.step_mm
+    for channel, where in np.asarray(positions, float).reshape(-1, 2):
+        bump = np.exp(-0.5 * ((k - where) / sigma) ** 2)
+        target[int(channel)] = np.maximum(target[int(channel)], bump)
+    return target
+
+
+def phantom_sample(seed: int, config: LabellerConfig, hu_window, model_spacing_mm: float):
+    """One training sample from phantom `seed`: (straightened CT as uint8, (channel, plane index) pairs).
+
+    The centreline is the truth's, jittered by 2 mm and extended 10-60 mm past the end vertebrae
+    (as a traced one is); the phantom is rendered at 2 or 3 mm and windowed as inference does.
+    Returns None when the phantom shows fewer than two vertebrae.
+    """
+    rng = np.random.default_rng([int(seed), 777])
+    phantom = generate_phantom(int(seed), spacing=float(rng.choice([2.0, 3.0])))
+    if sum(v.label in CHANNEL_OF for v in phantom.truth) < 2:
+        return None
+    image = preprocess(phantom.ct, model_spacing_mm, hu_window)
+    line = centerline_through(phantom.truth, config.step_mm, rng, 2.0, tuple(rng.uniform(10.0, 60.0, 2)))
+    x = straighten_image(image, line, config)
+    pairs = [(CHANNEL_OF[v.label], float(line.project(np.asarray(v.position)[None])[0]))
+             for v in phantom.truth if v.label in CHANNEL_OF]
+    return (np.clip(x, 0.0, 1.0) * 255 + 0.5).astype(np.uint8), np.array(pairs, np.float32).reshape(-1, 2)
+
+
+def _augment(x: np.ndarray, pairs: np.ndarray, rng: np.random.Generator):
+    """A random field of view (half the time), a left-right mirror, an in-plane shift, contrast and noise."""
+    z = x.shape[2]
+    pairs = pairs.copy()
+    if rng.random() < 0.5 and z > 24:
+        n = int(rng.integers(20, z))
+        start = int(rng.integers(0, z - n + 1))
+        x = x[:, :, start : start + n]
+        pairs[:, 1] -= start
+    if rng.random() < 0.5:
+        x = x[:, ::-1]  # y is the patient's left-right: mirroring keeps every label
+    # a traced centreline can run several mm off the bodies' centres: shift the planes up to 8 mm
+    dx, dy = rng.integers(-2, 3, 2)
+    x = np.roll(x, (int(dx), int(dy)), axis=(0, 1))
+    x = x * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05)
+    x = x + rng.normal(0.0, rng.uniform(0.0, 0.03), x.shape)
+    return np.ascontiguousarray(x, np.float32), pairs
+
+
+def prepare_samples(folder: PathLike, seeds, config: LabellerConfig, hu_window, model_spacing_mm: float,
+                    progress: Callable | None = None) -> list[Path]:
+    """Phantom samples as `<seed>.npz` in `folder` (kept between runs: a rerun only adds missing ones)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise VertebraIDError(f"The samples folder '{folder}' is a file; give a folder.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VertebraIDError(f"Cannot create the samples folder '{folder}' ({exc.strerror}).") from None
+    seeds = list(seeds)
+    for i, seed in enumerate(seeds):
+        path = folder / f"{seed}.npz"
+        if not path.exists():
+            sample = phantom_sample(seed, config, hu_window, model_spacing_mm)
+            x, pairs = sample if sample is not None else (np.zeros((0, 0, 0), np.uint8), np.zeros((0, 2), np.float32))
+            with atomic_path(path) as tmp:
+                np.savez_compressed(tmp, x=x, pairs=pairs)
+        if progress is not None:
+            progress(i + 1, len(seeds))
+    return [folder / f"{s}.npz" for s in seeds]
+
+
+def train_labeller(sample_files, config: LabellerConfig, minutes: float, seed: int = 0,
+                   learning_rate: float = 1e-3, log: Callable = print, max_steps: int | None = None):
+    """Train on stored samples for `minutes` (cosine schedule over that time) or `max_steps` steps
+    (schedule over those), whichever ends first; returns (network, record)."""
+    import torch
+    import torch.nn.functional as F
+
+    samples = []
+    for f in sample_files:
+        with np.load(f) as d:
+            if d["x"].size:
+                samples.append((d["x"], d["pairs"]))
+    if not samples:
+        raise VertebraIDError("No training samples with at least two vertebrae.")
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    network = build_labeller(config)
+    optimizer = torch.optim.AdamW(network.parameters(), learning_rate, weight_decay=1e-4)
+    pos_weight = torch.tensor(5.0)  # a bump covers a few planes of ~100: weigh them up
+    start, step, recent = time.perf_counter(), 0, []
+    total_s = max(float(minutes), 0.01) * 60
+    network.train()
+    while (elapsed := time.perf_counter() - start) < total_s and (max_steps is None or step < max_steps):
+        x, pairs = samples[int(rng.integers(len(samples)))]
+        x, pairs = _augment(x.astype(np.float32) / 255.0, pairs, rng)
+        target = torch.from_numpy(target_signals(pairs, x.shape[2], config))[None]
+        done = elapsed / total_s if max_steps is None else max(elapsed / total_s, step / max_steps)
+        lr = learning_rate * min(1.0, (step + 1) / 100) * 0.5 * (1 + np.cos(np.pi * done))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = F.binary_cross_entropy_with_logits(network(torch.from_numpy(x)[None, None]), target,
+                                                  pos_weight=pos_weight)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 5.0)
+        optimizer.step()
+        recent.append(loss.item())
+        step += 1
+        if step % 500 == 0:
+            log(f"labeller step {step}: loss {np.mean(recent[-500:]):.4f} ({elapsed / 60:.1f} min)")
+    network.eval()
+    record = {"steps": step, "minutes": round((time.perf_counter() - start) / 60, 1), "samples": len(samples),
+              "final_loss": round(float(np.mean(recent[-500:])), 4) if recent else None, "seed": seed,
+              "learning_rate": learning_rate}
+    return network, record
+
+
+def train_for_model(model_path: PathLike, samples: PathLike, phantoms: int = 2000, minutes: float = 30.0,
+                    seed: int = 0, attach: bool = False, log: Callable = print, threads: int = 0) -> tuple[Path, dict]:
+    """The whole recipe for a heatmap model: phantom samples (its grid and HU window), training,
+    `<model>_labeller.safetensors` beside it and, with `attach`, its entry in the model's metadata.
+    `threads`: torch CPU threads (0: torch's default)."""
+    import torch
+
+    if isinstance(threads, bool) or int(threads) < 0:
+        raise VertebraIDError("The number of threads must not be negative.")
+    if threads:
+        torch.set_num_threads(int(threads))
+    if isinstance(phantoms, bool) or int(phantoms) < 1 or not float(minutes) > 0:
+        raise VertebraIDError("The number of phantoms and the training minutes must be positive.")
+    weights, _ = model_paths(model_path)
+    meta = read_model_metadata(weights)
+    config = LabellerConfig()
+    window = meta["normalization"]["hu_window"]
+
+    def show(done, total):
+        if done % 100 == 0 or done == total:
+            log(f"phantom samples {done}/{total}")
+
+    files = prepare_samples(samples, range(int(phantoms)), config, window, float(min(meta["spacing_mm"])), show)
+    network, record = train_labeller(files, config, minutes, seed, log=log)
+    record.update({"data": f"phantoms, seeds 0..{int(phantoms) - 1}, rendered at 2 or 3 mm",
+                   "threads": torch.get_num_threads()})
+    out = weights.with_name(f"{weights.stem}_labeller.safetensors")
+    entry = save_labeller(network, config, out, record)
+    log(f"labeller -> {out}")
+    if attach:
+        log(f"recorded in {attach_labeller(weights, entry)}")
+    return out, entry
