@@ -25,12 +25,14 @@ from VertebraIDLib.errors import VertebraIDError
 SMALL_LABELS = LabelSet(("C3", "C4", "C5", "C6"))
 
 
-def small_model(seed: int, z: int = 16, gap_min: int = 2, gap_max: int = 6, temperature: float = 2.0) -> EnergyModel:
+def small_model(seed: int, z: int = 16, gap_min: int = 2, gap_max: int = 6, temperature: float = 2.0,
+                prior: str = "paper") -> EnergyModel:
     rng = np.random.default_rng(seed)
     unary = rng.normal(0.0, 6.0, size=(len(SMALL_LABELS), z))
     # 4 mm samples: the shortest gaps (8 mm) fall below half the cervical typical gap and are
     # forbidden, so the brute force also checks the per-level gap bounds.
-    return EnergyModel(unary, SMALL_LABELS, gap_min, gap_max, EngineSettings(confidence_temperature=temperature), step_mm=4.0)
+    settings = EngineSettings(confidence_temperature=temperature, spacing_prior=prior)
+    return EnergyModel(unary, SMALL_LABELS, gap_min, gap_max, settings, step_mm=4.0)
 
 
 def all_chains(model: EnergyModel):
@@ -47,9 +49,10 @@ def all_chains(model: EnergyModel):
                         yield levels, list(ks)
 
 
+@pytest.mark.parametrize("prior", ["paper", "lognormal"])
 @pytest.mark.parametrize("seed", range(6))
-def test_exact_finds_the_brute_force_minimum(seed):
-    model = small_model(seed)
+def test_exact_finds_the_brute_force_minimum(seed, prior):
+    model = small_model(seed, prior=prior)
     energies = [model.chain_energy(lv, ks) if lv else 0.0 for lv, ks in all_chains(model)]
     chain = solve_exact(model)
     assert chain.energy == pytest.approx(min(energies), abs=1e-3)
@@ -57,9 +60,10 @@ def test_exact_finds_the_brute_force_minimum(seed):
         assert model.chain_energy(chain.levels, chain.positions) == pytest.approx(chain.energy, abs=1e-3)
 
 
+@pytest.mark.parametrize("prior", ["paper", "lognormal"])
 @pytest.mark.parametrize("seed", range(3))
-def test_marginals_match_brute_force_gibbs_distribution(seed):
-    model = small_model(seed, z=12, temperature=4.0)
+def test_marginals_match_brute_force_gibbs_distribution(seed, prior):
+    model = small_model(seed, z=12, temperature=4.0, prior=prior)
     prob = np.zeros_like(model.unary)
     total = 0.0
     for levels, ks in all_chains(model):
@@ -222,3 +226,23 @@ def test_the_gap_bound_is_lowered_just_enough_for_fixed_points():
                                      EngineSettings(gap_fraction_min=relaxed)), fixed)
     assert [labels.levels[lvl] for lvl in chain.levels] == ["T5", "T6", "T7"] and chain.positions[1] == 20
     assert gap_fraction_fitting(fixed, labels, 2.0, 0.5) is None  # nothing to lower: the bound already fits
+
+
+def test_the_lognormal_prior_makes_packing_two_labels_onto_one_body_cost():
+    """Evidence peaks 20 mm apart with one extra peak in between: the paper's R barely minds a
+    10 mm gap, the likelihood prior does (in nats times the temperature)."""
+    labels = LabelSet(("T4", "T5", "T6", "T7", "T8"))
+    z = 60
+    signals = np.zeros((z, 26))
+    for i, name in enumerate(labels.levels):
+        signals[8 + 10 * i, labels.channel(name)] = 1.0  # every 20 mm at 2 mm samples
+    signals[14, labels.channel("T5")] = 1.5  # a stronger T5 blob 12 mm below T4
+    model = build_energy(signals, labels, 2.0, EngineSettings(evidence_weight=20.0, confidence_temperature=2.0))
+    packed = model.chain_energy([0, 1, 2], [8, 14, 28])
+    even = model.chain_energy([0, 1, 2], [8, 18, 28])
+    lognormal = build_energy(signals, labels, 2.0, EngineSettings(evidence_weight=20.0, confidence_temperature=2.0,
+                                                                    spacing_prior="lognormal"))
+    assert packed < even  # the paper's R: packing wins on evidence
+    assert lognormal.chain_energy([0, 1, 2], [8, 14, 28]) > lognormal.chain_energy([0, 1, 2], [8, 18, 28])
+    assert [int(k) for k in solve_exact(lognormal).positions] == [8, 18, 28, 38, 48]
+

@@ -223,3 +223,25 @@ def polyline_centerline(track: np.ndarray, step_mm: float) -> Centerline:
     points, _ = _resample_by_arc_length(track, step_mm)
     e1, e2, e3 = moving_frames(points)
     return Centerline(points, e1, e2, e3, float(step_mm), np.ones(len(points), bool))
+
+
+def curve_through_samples(points: np.ndarray, supported: np.ndarray, step_mm: float) -> tuple[Centerline, np.ndarray]:
+    """A centreline through `points` (one per sample of another centreline, cranial first), every
+    `step_mm` by arc length; and each new sample's fractional index among the given points (to carry
+    per-sample values over). A new sample is supported where the nearest given one is."""
+    points = np.asarray(points, float)
+    seg = np.linalg.norm(np.diff(points, axis=0), axis=1)
+    arc = np.concatenate([[0.0], np.cumsum(seg)])
+    n = max(int(np.floor(arc[-1] / step_mm)) + 1, 2)
+    t = np.interp(np.arange(n) * step_mm, arc, np.arange(len(points), dtype=float))
+    new = np.stack([np.interp(t, np.arange(len(points)), points[:, d]) for d in range(3)], axis=1)
+    e1, e2, e3 = moving_frames(new)
+    keep = np.asarray(supported, bool)[np.clip(np.round(t).astype(int), 0, len(points) - 1)]
+    return Centerline(new, e1, e2, e3, float(step_mm), keep), t
+
+
+def centerline_of_samples(points: np.ndarray, step_mm: float, supported: np.ndarray) -> Centerline:
+    """A centreline whose samples are `points` as they are (already `step_mm` apart: a stored one)."""
+    points = np.asarray(points, float)
+    e1, e2, e3 = moving_frames(points)
+    return Centerline(points, e1, e2, e3, float(step_mm), np.asarray(supported, bool))

@@ -13,10 +13,13 @@ import numpy as np
 
 from ..errors import VertebraIDError
 from .anatomy import NUM_CHANNELS
+from .landmarks import Landmarks, spine_landmarks
 from .volume import Volume, check_finite
 
 #: centreline -> (its samples, 26): more per-level evidence along the traced spine (the level labeller's)
 LevelEvidence = Callable[[object], np.ndarray]
+#: centreline -> Landmarks: ribs and sacrum read from the CT along the traced spine
+AnatomyEvidence = Callable[[object], Landmarks]
 
 
 @dataclass
@@ -29,9 +32,26 @@ class Evidence:
     settings: dict = field(default_factory=dict)  # EngineSettings the source fixes (σ, a model's α...)
     level_specific: bool = True  # False: the evidence names regions only, so the anchor weights are off
     level_evidence: LevelEvidence | None = None
+    anatomy: AnatomyEvidence | None = None  # needs the CT: `anatomy_from_ct(ct)`
+    centerline: object | None = None  # a Centerline to use as it is (a stored run's), instead of tracing one
 
     def __post_init__(self):
         validate_heatmaps(self.heatmaps)
+
+
+def anatomy_from_ct(ct: Volume) -> AnatomyEvidence:
+    """The ribs and sacrum of a CT (in HU), read along whatever centreline the engine traces."""
+    return lambda centerline: spine_landmarks(ct, centerline)
+
+
+def checked_landmarks(marks: Landmarks, length: int) -> Landmarks:
+    """Landmarks must have one finite value in [0, 1] per centreline sample."""
+    for name in ("rib", "sacrum", "rib_visible", "sacrum_visible"):
+        values = np.asarray(getattr(marks, name), float)
+        if values.shape != (length,) or not np.all(np.isfinite(values)) or values.min() < 0 or values.max() > 1:
+            raise VertebraIDError(f"The anatomy evidence ({name}) must hold one value in [0, 1] per centreline "
+                                  f"sample ({length}).")
+    return marks
 
 
 def validate_heatmaps(heatmaps: Volume) -> None:

@@ -87,11 +87,38 @@ class EnergyModel:
                 allowed[level, gap - self.gap_min] = True
         return allowed
 
+    def pair_cost(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """R(a, b) of consecutive gaps (a already scaled by the expected growth); inf where a gap is 0.
+
+        "paper": exp(max(a/b, b/a)) (paper Eq. 5). "lognormal": a likelihood in nats times the
+        temperature: log(b/a) ~ N(0, spacing_sigma), so a halved gap costs what it should.
+        """
+        a, b = np.asarray(a, float), np.asarray(b, float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if self.params.spacing_prior == "paper":
+                out = np.exp(np.minimum(np.maximum(a / b, b / a), 700))
+            else:
+                nats = np.log(b / a) ** 2 / (2 * self.params.spacing_sigma ** 2)
+                out = self.params.spacing_weight * self.params.confidence_temperature * nats
+        return np.where((a > 0) & (b > 0), out, INF)
+
     def spacing_matrix(self, growth: float = 1.0) -> np.ndarray:
         """R(a, b) for every (previous gap a, next gap b), a scaled by the expected growth."""
-        a = self.gaps.astype(float)[:, None] * growth
-        b = self.gaps.astype(float)[None, :]
-        return np.exp(np.maximum(a / b, b / a))
+        return self.pair_cost(self.gaps.astype(float)[:, None] * growth, self.gaps.astype(float)[None, :])
+
+    def gap_cost(self) -> np.ndarray:
+        """(n_levels, n_gaps) cost of each gap after each level against the level's typical gap.
+
+        Zero for the paper's prior. "lognormal": log(gap / typical) ~ N(0, gap_sigma) in nats times
+        the temperature (adult spines differ in size by ~+-20 %): packing two labels onto one body
+        or stretching one gap over two bodies costs even where the neighbouring gaps agree.
+        """
+        if self.params.spacing_prior == "paper":
+            return np.zeros((len(self.labels), len(self.gaps)))
+        typical = np.array([typical_gap_mm(name) for name in self.labels.levels])
+        g = self.gaps.astype(float) * self.step_mm
+        nats = np.log(g[None, :] / typical[:, None]) ** 2 / (2 * self.params.gap_sigma ** 2)
+        return self.params.spacing_weight * self.params.confidence_temperature * nats
 
     def chain_energy(self, levels, positions) -> float:
         """Energy of one chain (inf when a gap is out of bounds)."""
@@ -113,13 +140,10 @@ class EnergyModel:
             upper = np.asarray(levels)[:-1][None, :]
             j = np.clip(gaps.astype(int) - self.gap_min, 0, allowed.shape[1] - 1)
             bad |= ~allowed[upper, j].all(axis=1)
-            energy = np.where(bad, INF, energy)
+            energy = np.where(bad, INF, energy + self.gap_cost()[upper, j].sum(axis=1))
         if positions.shape[1] >= 3:
             a, b = gaps[:, :-1] * self.growth()[np.asarray(levels)[1:-1]][None, :], gaps[:, 1:]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = np.maximum(a / b, b / a)
-            r = np.where((a > 0) & (b > 0), np.exp(np.minimum(ratio, 700)), INF)
-            energy = energy + r.sum(axis=1)
+            energy = energy + self.pair_cost(a, b).sum(axis=1)
         return energy
 
 
@@ -128,12 +152,16 @@ def build_energy(
     labels: LabelSet,
     step_mm: float,
     params: EngineSettings = EngineSettings(),
+    identity: np.ndarray | None = None,
 ) -> EnergyModel:
     """Unary costs for every level of `labels` from the 26 per-channel signals Q (Z, 26).
 
     Transitional levels have no channel of their own: a T13 is one more thoracic vertebra and
     an L6 one more lumbar one, so they take the evidence of T12 and L5, plus a prior cost
     (they are rare) that keeps a normal spine from being relabelled through them.
+    `identity` (Z, levels): a log-likelihood in nats of each level at each sample (the ribs and
+    sacrum seen on the CT, `landmarks.level_log_likelihood`), weighed as a likelihood in the Gibbs
+    distribution of the confidences: -anatomy_weight x temperature x log-likelihood.
     """
     z = signals.shape[0]
     unary = np.empty((len(labels), z))
@@ -146,6 +174,8 @@ def build_energy(
             q = signals[:, c]
             extra = 0.0
         unary[i] = -params.evidence_weight * labels.weight(name) * (q - params.evidence_floor) + extra
+    if identity is not None:
+        unary -= params.anatomy_weight * params.confidence_temperature * np.asarray(identity, float).T
     gap_min, gap_max = gap_index_range(params, step_mm)
     return EnergyModel(unary, labels, gap_min, gap_max, params, step_mm)
 
@@ -258,6 +288,7 @@ def solve_exact(model: EnergyModel, fixed: list[FixedLevel] | None = None) -> Ch
     ng = len(gaps)
     growth = model.growth()
     allowed = model.gap_allowed()
+    gap_cost = model.gap_cost().astype(np.float32)
     unary = unary.astype(np.float32)
     src = np.arange(z)[:, None] - gaps[None, :]  # position of the previous vertebra
     src_ok = src >= 0
@@ -297,6 +328,7 @@ def solve_exact(model: EnergyModel, fixed: list[FixedLevel] | None = None) -> Ch
         cont = np.full((z, ng), -1, np.int16)
         cont[:, nxt] = np.where(use_start, -1, prev[arg] if len(prev) else -1)
         cont_arg[lvl] = cont
+        m += gap_cost[lvl][None, :]  # the gap to the next vertebra, against this level's typical gap
         shifted = np.where(src_ok, m[src, np.arange(ng)[None, :]], INF)
         for s in succ:
             better = shifted < incoming[s]
@@ -352,6 +384,7 @@ def marginals(model: EnergyModel, fixed: list[FixedLevel] | None = None) -> np.n
     ng = len(gaps)
     weights = [np.exp(-model.spacing_matrix(g) / t) for g in model.growth()]  # (prev gap, next gap)
     allowed = model.gap_allowed()
+    log_gap = -model.gap_cost() / t
     lu = -unary / t
     cols = np.arange(ng)[None, :]
     src = np.arange(z)[:, None] - gaps[None, :]
@@ -369,7 +402,7 @@ def marginals(model: EnergyModel, fixed: list[FixedLevel] | None = None) -> np.n
         for lvl in range(n):
             f_end[lvl] = lu[lvl][:, None] + incoming[lvl]
             m = np.logaddexp(f_start[lvl][:, None], _log_matmul(f_end[lvl], weights[lvl]))
-            m = np.where(allowed[lvl][None, :], m, -INF)
+            m = np.where(allowed[lvl][None, :], m + log_gap[lvl][None, :], -INF)
             shifted = np.where(src_ok, m[src, cols], -INF)
             for s in succ[lvl]:
                 incoming[s] = np.logaddexp(incoming[s], shifted)
@@ -379,7 +412,7 @@ def marginals(model: EnergyModel, fixed: list[FixedLevel] | None = None) -> np.n
             stop = 0.0 if can_end[lvl] else -INF
             cont = np.full((z, ng), -INF)  # continue to a successor with next gap j
             for s in succ[lvl]:
-                val = lu[s][dst] + b_end[s][dst, cols]
+                val = lu[s][dst] + b_end[s][dst, cols] + log_gap[lvl][None, :]
                 cont = np.logaddexp(cont, np.where(dst_ok & allowed[lvl][None, :], val, -INF))
             b_end[lvl] = np.logaddexp(stop, _log_matmul(cont, weights[lvl].T))
             b_start[lvl] = np.logaddexp(stop, logsumexp(cont, axis=1))

@@ -19,14 +19,15 @@ import numpy as np
 from ..errors import VertebraIDError
 from . import optimize as opt
 from .anatomy import LEVELS_26, NUM_CHANNELS
-from .centerline import Centerline, trace_centerline
+from .centerline import Centerline, curve_through_samples, trace_centerline
 from .corrections import (
     Constraint,
     check_constraint_labels,
     fixed_levels,
     pin_constraints,
 )
-from .evidence import Evidence, checked_level_signals
+from .evidence import Evidence, checked_landmarks, checked_level_signals
+from .landmarks import Landmarks, level_log_likelihood
 from .progress import ProgressCallback, report
 from .rectify import Rectified, rectify
 from .settings import EngineSettings
@@ -102,14 +103,26 @@ def prepare(
 
     t0 = time.perf_counter()
     step = settings.step_mm or float(min(heatmaps.spacing))
-    line = trace_centerline(combined, threshold=settings.centreline_threshold, min_peak=settings.min_peak, step_mm=step)
+    given = evidence.centerline
+    line = given or trace_centerline(combined, threshold=settings.centreline_threshold, min_peak=settings.min_peak,
+                                     step_mm=step)
     timings["centerline"] = time.perf_counter() - t0
     if line is None:
         return Prepared(heatmaps, combined, None, None, settings, timings, evidence.description)
+
+    marks = None
+    if evidence.anatomy is not None and settings.anatomy_weight > 0:
+        report(progress, 0.3, "Reading the spinal canal, the ribs and the sacrum")
+        t0 = time.perf_counter()
+        marks = checked_landmarks(evidence.anatomy(line), len(line))
+        if given is None:
+            line, marks = _follow_the_canal(line, marks)
+        timings["landmarks"] = time.perf_counter() - t0
     report(progress, 0.4, "Straightening the activation maps")
 
     t0 = time.perf_counter()
     rect = rectify(heatmaps, combined, line, settings.window_mm, settings.sigma_mm, combined_is_sum)
+    rect.landmarks = marks
     timings["rectify_and_signals"] = time.perf_counter() - t0
     if evidence.level_evidence is not None:
         report(progress, 0.6, "Naming the levels along the spine")
@@ -117,6 +130,20 @@ def prepare(
         rect.level_signals = checked_level_signals(evidence.level_evidence(line), len(line))
         timings["level_labeller"] = time.perf_counter() - t0
     return Prepared(heatmaps, combined, line, rect, settings, timings, evidence.description)
+
+
+#: The canal must be seen on at least this share of the traced spine before the centreline follows it.
+CANAL_FOUND_MIN = 0.5
+
+
+def _follow_the_canal(line: Centerline, marks: Landmarks) -> tuple[Centerline, Landmarks]:
+    """The centreline through the vertebral bodies as the spinal canal places them (the maps' own
+    trace can stray onto the aorta or a kidney where the maps are weak); kept as traced where the
+    canal was not found along most of it (a thin slab, a crop)."""
+    if marks.body_points is None or np.mean(marks.canal_found[line.supported]) < CANAL_FOUND_MIN:
+        return line, marks
+    followed, t = curve_through_samples(marks.body_points, line.supported, line.step_mm)
+    return followed, marks.at(t)
 
 
 def solve(
@@ -151,7 +178,10 @@ def solve(
         vertebrae = _base_method(prepared)
         energy = float("nan")
     else:
-        model = opt.build_energy(rect.evidence, labels, rect.step_mm, settings)
+        identity = None
+        if rect.landmarks is not None and settings.anatomy_weight > 0:
+            identity = level_log_likelihood(rect.landmarks, labels.levels)
+        model = opt.build_energy(rect.evidence, labels, rect.step_mm, settings, identity)
         fixed = []
         if settings.method == "rect":
             chain = _rect_method(model)

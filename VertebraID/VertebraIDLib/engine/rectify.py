@@ -12,6 +12,7 @@ import numpy as np
 from scipy.ndimage import map_coordinates
 
 from .centerline import Centerline
+from .landmarks import Landmarks
 from .volume import Volume
 
 
@@ -128,8 +129,10 @@ class Rectified:
     combined_signal: np.ndarray  # (Z,)
     scale: float
     sigma_mm: float
-    # (Z, 26) from the level labeller (labeller.py), on the same samples: added to `signals`
+    # (Z, 26) from the level labeller (networks/labeller.py), on the same samples: added to `signals`
     level_signals: np.ndarray | None = None
+    # ribs and sacrum read from the CT along the same samples (landmarks.py)
+    landmarks: Landmarks | None = None
 
     @property
     def evidence(self) -> np.ndarray:

@@ -14,10 +14,11 @@ from ..errors import VertebraIDError
 from .anatomy import LabelSet
 
 METHODS = ("exact", "paper", "order", "rect", "base")
+SPACING_PRIORS = ("paper", "lognormal")
 
 #: Settings a model's metadata may set in its "engine" table (the others are the user's or fixed).
 MODEL_SETTINGS = ("centreline_threshold", "evidence_weight", "evidence_floor", "gap_fraction_min",
-                  "confidence_temperature")
+                  "confidence_temperature", "anatomy_weight", "spacing_prior", "spacing_weight")
 
 #: Names used by files written before the settings had one name each.
 _LEGACY_NAMES = {"threshold": "centreline_threshold", "floor": "evidence_floor", "temperature": "confidence_temperature"}
@@ -41,6 +42,12 @@ class EngineSettings:
     evidence_weight: float = 20.0  # α: a clean vertebra (Q ≈ 1) is worth ~20, R costs >= e
     evidence_floor: float = 0.1  # f: Q below this counts against a chain
     level_spacing: bool = True  # R compares gaps after scaling by each level's typical growth
+    # R: "paper" = exp(max(a/b, b/a)); "lognormal" = a likelihood in nats x temperature: log gap ratios
+    # ~ N(0, spacing_sigma), and each gap against its level's typical gap ~ N(0, gap_sigma) in log
+    spacing_prior: str = "paper"
+    spacing_sigma: float = 0.15
+    gap_sigma: float = 0.25
+    spacing_weight: float = 1.0
     transitional_cost: float = 6.0  # prior against T13 / L6 (present in a minority of spines)
     gap_min_mm: float = 10.0  # adult centres are >= ~13 mm apart (C3-C4), fractures included
     gap_max_mm: float = 90.0
@@ -48,6 +55,8 @@ class EngineSettings:
     # squeezing two labels onto one vertebra, or from skipping one, at any patient size.
     gap_fraction_min: float = 0.5
     gap_fraction_max: float = 2.2
+    # Ribs and sacrum read from the CT (landmarks.py), as a likelihood: this many times T per nat.
+    anatomy_weight: float = 1.0
     # --- confidences: marginals of the Gibbs distribution exp(-L / T)
     confidence_temperature: float = 2.0  # scales with α: a model with its own α brings its own T
     confidence_radius_mm: float = 8.0  # a label is right when its level lies within this of the point
@@ -55,14 +64,17 @@ class EngineSettings:
     def __post_init__(self):
         if self.method not in METHODS:
             raise VertebraIDError(f"Unknown method '{self.method}'; choose one of {', '.join(METHODS)}.")
+        if self.spacing_prior not in SPACING_PRIORS:
+            raise VertebraIDError(f"Unknown spacing prior '{self.spacing_prior}'; choose {' or '.join(SPACING_PRIORS)}.")
         if not _is_number(self.centreline_threshold) or not 0.0 < self.centreline_threshold < 1.0:
             raise VertebraIDError("The centreline threshold must be a fraction between 0 and 1, "
                                   f"got {self.centreline_threshold!r}.")
-        for name in ("evidence_weight", "evidence_floor", "transitional_cost", "confidence_radius_mm"):
+        for name in ("evidence_weight", "evidence_floor", "transitional_cost", "confidence_radius_mm", "anatomy_weight"):
             value = getattr(self, name)
             if not _is_number(value) or value < 0:
                 raise VertebraIDError(f"The engine setting {name} must be a non-negative number, got {value!r}.")
-        for name in ("confidence_temperature", "window_mm", "min_peak", "gap_min_mm"):
+        for name in ("confidence_temperature", "window_mm", "min_peak", "gap_min_mm", "spacing_sigma", "gap_sigma",
+                     "spacing_weight"):
             value = getattr(self, name)
             if not _is_number(value) or value <= 0:
                 raise VertebraIDError(f"The engine setting {name} must be a number above 0, got {value!r}.")

@@ -172,6 +172,20 @@ def render_views(ct: Volume, vertebrae=None, centerline_ras=None, title: str | N
     return fig
 
 
+def _landmark_panel(ax, marks, t_mm) -> None:
+    """P(rib-bearing) and P(S1 or below) along the centreline; grey where not seen."""
+    ax.plot(marks.rib, t_mm, color=REGION_COLORS["T"], lw=1.2, label="rib")
+    ax.plot(marks.sacrum, t_mm, color=REGION_COLORS["S"], lw=1.2, label="sacrum")
+    unseen = (marks.rib_visible < 0.5) & (marks.sacrum_visible < 0.5)
+    ax.fill_betweenx(t_mm, 0, 1, where=unseen, color="0.85", lw=0)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(t_mm[-1], t_mm[0])
+    ax.set_xticks([0, 0.5, 1])
+    ax.set_yticks([])
+    ax.set_title("ribs, sacrum", fontsize=9)
+    ax.legend(fontsize=6, loc="lower right")
+
+
 def _label_style(vertebra) -> tuple:
     """(colour, text) of a vertebra's label: its region's colour, red with a '?' when it is one to check."""
     if vertebra.needs_check:
@@ -205,14 +219,20 @@ def result_figure(result, ct: Volume | None = None, title: str | None = None):
 
     Panels: coronal and sagittal projections of Ĝ (maximum over the body) with the centreline
     and the labelled vertebrae; the straightened Ĝ (and CT when given) seen from the side; the
-    1-D signals Q̂ and Q_v along the centreline with the chosen positions.
+    ribs and sacrum read from the CT (when they were); the 1-D signals Q̂ and Q_v along the
+    centreline with the chosen positions.
     """
     Figure = _figure_module()
     prepared = result.prepared
     rect = prepared.rectified
-    ncols = 4 + (1 if ct is not None and rect is not None else 0)
-    fig = Figure(figsize=(3.2 * ncols + 2, 7.0))
-    axes = fig.subplots(1, ncols, gridspec_kw={"width_ratios": [1] * (ncols - 1) + [1.6]})
+    show_ct = ct is not None and rect is not None
+    show_marks = rect is not None and rect.landmarks is not None
+    ncols = 4 + show_ct + show_marks
+    fig = Figure(figsize=(3.2 * ncols + 2 - 2.2 * show_marks, 7.0))
+    widths = [1] * (ncols - 1) + [1.6]
+    if show_marks:
+        widths[-2] = 0.45
+    axes = fig.subplots(1, ncols, gridspec_kw={"width_ratios": widths})
     step = float(max(prepared.heatmaps.spacing.min(), 1.0))
     coronal, sagittal, (xs, ys, zs) = _projection_views(prepared.combined, step)
     top = float(coronal.max()) or 1.0
@@ -257,6 +277,8 @@ def result_figure(result, ct: Volume | None = None, title: str | None = None):
         axes[3].imshow(straight_ct.array[::-1, mid, :].T, cmap="gray", vmin=BONE_WINDOW[0], vmax=BONE_WINDOW[1],
                        aspect="equal", extent=(hw_ct, -hw_ct, t_mm[-1], t_mm[0]))
         axes[3].set_title("straightened CT (mid-sagittal)")
+    if show_marks:
+        _landmark_panel(axes[-2], rect.landmarks, t_mm)
     signal_ax.plot(rect.combined_signal, t_mm, color="black", lw=1.2, label="Q̂")
     for c, name in enumerate(LEVELS_26):
         signal_ax.plot(rect.evidence[:, c], t_mm, color=REGION_COLORS[name[0]], lw=0.6, alpha=0.7)

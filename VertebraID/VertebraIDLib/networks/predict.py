@@ -26,7 +26,7 @@ import numpy as np
 
 from ..engine import pipeline
 from ..engine.corrections import Constraint
-from ..engine.evidence import Evidence, LevelEvidence
+from ..engine.evidence import Evidence, LevelEvidence, anatomy_from_ct
 from ..engine.progress import ProgressCallback, report, scaled
 from ..engine.settings import EngineSettings
 from ..engine.volume import Volume
@@ -106,7 +106,7 @@ def predict_evidence(
     if model.labeller is not None:
         description += " with its level labeller"
     return Evidence(Volume(maps, image.affine), None, description, model.engine_settings,
-                    level_evidence=_level_evidence(image, model))
+                    level_evidence=_level_evidence(image, model), anatomy=anatomy_from_ct(ct))
 
 
 def _level_evidence(image: Volume, model: Model) -> LevelEvidence | None:

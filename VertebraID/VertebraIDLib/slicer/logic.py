@@ -22,8 +22,10 @@ import numpy as np
 
 from ..engine import pipeline
 from ..engine.anatomy import LEVELS_26, LabelSet, is_known_label, region
+from ..engine.centerline import centerline_of_samples
 from ..engine.corrections import Constraint
 from ..engine.evidence import Evidence
+from ..engine.landmarks import Landmarks
 from ..engine.points import point_evidence, render_gaussians
 from ..engine.progress import ProgressCallback, report, scaled
 from ..engine.settings import EngineSettings
@@ -331,6 +333,11 @@ class VertebraIDLogic(ScriptedLoadableModuleLogic):
         }
         if rect.level_signals is not None:  # Re-label needs them and has no CT or labeller at hand
             run_info["level_signals"] = np.round(rect.level_signals, 4).tolist()
+        if rect.landmarks is not None:  # likewise the ribs and sacrum read from the CT
+            run_info["landmarks"] = rect.landmarks.to_dict()
+        line = result.centerline  # and the centreline they were read along (which followed the canal)
+        run_info["centerline"] = {"points": np.round(line.points, 3).tolist(), "supported": line.supported.tolist(),
+                                  "step_mm": line.step_mm}
         folder = mrml.create_folder(scene, folder_name, {mrml.ATTR_RUN: json.dumps(run_info)})
         nodes: dict = {}
 
@@ -411,13 +418,20 @@ class VertebraIDLogic(ScriptedLoadableModuleLogic):
         heatmaps = mrml.multichannel_volume_from_node(heatmaps_node)
         combined_node = nodes.get(mrml.ROLE_COMBINED)
         combined = mrml.volume_from_node(combined_node) if combined_node is not None else None
-        stored = self.run_info(run).get("level_signals")
-        evidence = Evidence(heatmaps, combined, self.run_info(run).get("evidence", ""),
-                                     level_evidence=None if stored is None else (lambda line: stored))
+        info = self.run_info(run)
+        stored = info.get("level_signals")
+        marks = Landmarks.from_dict(info["landmarks"]) if info.get("landmarks") else None
+        centerline = None
+        if info.get("centerline"):
+            saved = info["centerline"]
+            centerline = centerline_of_samples(saved["points"], saved["step_mm"], saved["supported"])
+        evidence = Evidence(heatmaps, combined, info.get("evidence", ""),
+                            level_evidence=None if stored is None else (lambda line: stored),
+                            anatomy=None if marks is None else (lambda line: marks), centerline=centerline)
         try:
             prepared = pipeline.prepare(evidence, self._settings_of(run))
         except VertebraIDError:
-            if stored is None:
+            if stored is None and marks is None:
                 raise
             raise VertebraIDError("This run's stored level evidence no longer fits its activation maps; "
                                   "run Detect again.") from None

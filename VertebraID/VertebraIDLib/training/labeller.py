@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from scipy import ndimage
 
 from ..engine.anatomy import CHANNEL_OF, NUM_CHANNELS
 from ..engine.centerline import centerline_through
+from ..engine.vertebrae import Vertebra
+from ..engine.volume import Volume
 from ..errors import VertebraIDError
 from ..io.files import PathLike, atomic_path
 from ..networks.bundle import (
@@ -28,6 +31,7 @@ from ..networks.bundle import (
 )
 from ..networks.labeller import LabellerConfig, build_labeller, straighten_image
 from ..networks.preprocess import preprocess
+from ..synthetic.labelmap_ct import LabelMap, vertebra_centres
 from ..synthetic.phantom import generate_phantom
 
 
@@ -42,27 +46,48 @@ def target_signals(positions: np.ndarray, length: int, config: LabellerConfig) -
     return target
 
 
-def phantom_sample(seed: int, config: LabellerConfig, hu_window, model_spacing_mm: float):
-    """One training sample from phantom `seed`: (straightened CT as uint8, (channel, plane index) pairs).
+def spine_sample(ct: Volume, truth: list[Vertebra], config: LabellerConfig, hu_window, model_spacing_mm: float,
+                 rng: np.random.Generator):
+    """One training sample: (the CT straightened along its spine as uint8, (channel, plane index) pairs).
 
     The centreline is the truth's, jittered by 2 mm and extended 10-60 mm past the end vertebrae
-    (as a traced one is); the phantom is rendered at 2 or 3 mm and windowed as inference does.
-    Returns None when the phantom shows fewer than two vertebrae.
+    (as a traced one is); the CT is prepared and windowed as inference does. None when the CT
+    shows fewer than two vertebrae.
     """
-    rng = np.random.default_rng([int(seed), 777])
-    phantom = generate_phantom(int(seed), spacing=float(rng.choice([2.0, 3.0])))
-    if sum(v.label in CHANNEL_OF for v in phantom.truth) < 2:
+    if sum(v.label in CHANNEL_OF for v in truth) < 2:
         return None
-    image = preprocess(phantom.ct, model_spacing_mm, hu_window)
-    line = centerline_through(phantom.truth, config.step_mm, rng, 2.0, tuple(rng.uniform(10.0, 60.0, 2)))
+    image = preprocess(ct, model_spacing_mm, hu_window)
+    line = centerline_through(truth, config.step_mm, rng, 2.0, tuple(rng.uniform(10.0, 60.0, 2)))
     x = straighten_image(image, line, config)
     pairs = [(CHANNEL_OF[v.label], float(line.project(np.asarray(v.position)[None])[0]))
-             for v in phantom.truth if v.label in CHANNEL_OF]
+             for v in truth if v.label in CHANNEL_OF]
     return (np.clip(x, 0.0, 1.0) * 255 + 0.5).astype(np.uint8), np.array(pairs, np.float32).reshape(-1, 2)
 
 
+def phantom_sample(seed: int, config: LabellerConfig, hu_window, model_spacing_mm: float):
+    """The sample of phantom `seed` (rendered at 2 or 3 mm); None when it shows fewer than two vertebrae."""
+    rng = np.random.default_rng([int(seed), 777])
+    phantom = generate_phantom(int(seed), spacing=float(rng.choice([2.0, 3.0])))
+    return spine_sample(phantom.ct, phantom.truth, config, hu_window, model_spacing_mm, rng)
+
+
+def labelmap_sample(labelmap: LabelMap, seed: int, config: LabellerConfig, hu_window, model_spacing_mm: float):
+    """The sample of a CT rendered from real anatomy (`labelmap`, deformed and imaged as drawn from `seed`)."""
+    rng = np.random.default_rng([int(seed), 778])
+    hu, affine, labels, _ = labelmap.render(rng, spacing_mm=float(rng.choice([2.0, 3.0])))
+    centres = vertebra_centres(labels, affine, labelmap.prepared.names)
+    truth = [Vertebra(level, position) for level, position in centres.items() if level in CHANNEL_OF]
+    return spine_sample(Volume(hu, affine), truth, config, hu_window, model_spacing_mm, rng)
+
+
+#: Windowed values (HU -250..1250 -> 0..1) the augmentations use: water (0 HU) and the bone threshold (200 HU).
+_WATER, _BONE = 250.0 / 1500.0, 450.0 / 1500.0
+
+
 def _augment(x: np.ndarray, pairs: np.ndarray, rng: np.random.Generator):
-    """A random field of view (half the time), a left-right mirror, an in-plane shift, contrast and noise."""
+    """What real scans do to a straightened spine, drawn at random: a partial field of view along the
+    spine and across it (slabs), a left-right mirror, an off-centre centreline, bone-only images (soft
+    tissue set to 0 HU), thick slices and blur, contrast, gamma and noise."""
     z = x.shape[2]
     pairs = pairs.copy()
     if rng.random() < 0.5 and z > 24:
@@ -74,15 +99,29 @@ def _augment(x: np.ndarray, pairs: np.ndarray, rng: np.random.Generator):
         x = x[:, ::-1]  # y is the patient's left-right: mirroring keeps every label
     # a traced centreline can run several mm off the bodies' centres: shift the planes up to 8 mm
     dx, dy = rng.integers(-2, 3, 2)
-    x = np.roll(x, (int(dx), int(dy)), axis=(0, 1))
+    x = np.roll(x, (int(dx), int(dy)), axis=(0, 1)).astype(np.float32)
+    if rng.random() < 0.1:  # a bone-only image: everything below 200 HU set to 0 HU
+        x = np.where(x < _BONE, _WATER, x)
+    if rng.random() < 0.15:  # a slab: the scan covers only a band across the spine (outside: 0)
+        axis = int(rng.integers(0, 2))
+        half = int(rng.integers(6, 16))
+        centre = x.shape[axis] // 2 + int(rng.integers(-3, 4))
+        keep = np.abs(np.arange(x.shape[axis]) - centre) <= half
+        x = x * (keep[:, None, None] if axis == 0 else keep[None, :, None])
+    if rng.random() < 0.2:  # thick slices (along the spine) or a soft kernel (in-plane)
+        sigma = (rng.uniform(0.0, 0.6), rng.uniform(0.0, 0.6), rng.uniform(0.4, 1.5))
+        x = ndimage.gaussian_filter(x, sigma, mode="nearest")
+    if rng.random() < 0.3:
+        x = np.clip(x, 0.0, 1.0) ** rng.uniform(0.7, 1.5)
     x = x * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05)
     x = x + rng.normal(0.0, rng.uniform(0.0, 0.03), x.shape)
     return np.ascontiguousarray(x, np.float32), pairs
 
 
 def prepare_samples(folder: PathLike, seeds, config: LabellerConfig, hu_window, model_spacing_mm: float,
-                    progress: Callable | None = None) -> list[Path]:
-    """Phantom samples as `<seed>.npz` in `folder` (kept between runs: a rerun only adds missing ones)."""
+                    progress: Callable | None = None, labelmap: LabelMap | None = None) -> list[Path]:
+    """Samples as `<seed>.npz` in `folder` (kept between runs: a rerun only adds missing ones): of
+    phantoms, or of CTs rendered from `labelmap` (real anatomy) when one is given."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise VertebraIDError(f"The samples folder '{folder}' is a file; give a folder.")
@@ -94,7 +133,10 @@ def prepare_samples(folder: PathLike, seeds, config: LabellerConfig, hu_window, 
     for i, seed in enumerate(seeds):
         path = folder / f"{seed}.npz"
         if not path.exists():
-            sample = phantom_sample(seed, config, hu_window, model_spacing_mm)
+            if labelmap is None:
+                sample = phantom_sample(seed, config, hu_window, model_spacing_mm)
+            else:
+                sample = labelmap_sample(labelmap, seed, config, hu_window, model_spacing_mm)
             x, pairs = sample if sample is not None else (np.zeros((0, 0, 0), np.uint8), np.zeros((0, 2), np.float32))
             with atomic_path(path) as tmp:
                 np.savez_compressed(tmp, x=x, pairs=pairs)
