@@ -1,8 +1,6 @@
 """CT rendered from anatomy label maps (synthetic/labelmap_ct.py): a small synthetic map, and the real ones."""
 from __future__ import annotations
 
-import re
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -725,7 +725,7 @@ def _compose(lab: np.ndarray, caff: np.ndarray, start, pm: PreparedMap, tp: dict
     shape = lab.shape
     sp = _spacing(caff)
     svox = float(sp.mean())
-    zax, zsign = _axis_along(caff, 2)
+    zax, _ = _axis_along(caff, 2)
     cls = pm.class_lut[lab]
     hu = np.take(tp["mean"], lab)
 
@@ -1351,12 +1351,13 @@ def _render_table(hu, sd, caff, rng):
     curv, th = _u(rng, 0.0, 0.0015), _u(rng, 8, 20)
     depth = a0 + curv * (x - xc) ** 2 - a  # > 0 below the table's top surface
     inside = (np.abs(x - xc) < _u(rng, 180, 260)) & ~body2
-    shell = (((depth >= 0) & (depth < 2.0)) | ((depth >= th) & (depth < th + 2.0))) & inside
-    core = (depth >= 2.0) & (depth < th) & inside
-    out = sd <= 0
-    for m2, v in ((shell, _u(rng, 150, 500)), (core, _u(rng, -950, -800))):
-        m = np.expand_dims(m2, zax) & out
-        hu[m] = v
+    sh = np.exp(-0.5 * ((depth - 1.0) / 1.2) ** 2) + np.exp(-0.5 * ((depth - th - 1.0) / 1.2) ** 2)
+    core = np.clip(np.minimum(depth - 1.0, th + 1.0 - depth) / 1.5 + 0.5, 0, 1)
+    shell_hu, core_hu = _u(rng, 250, 700), _u(rng, -950, -800)
+    val2 = -1000.0 + core * (core_hu + 1000.0) + np.minimum(sh, 1.0) * (shell_hu - core_hu)
+    m2 = inside & ((sh > 0.02) | (core > 0))
+    m = np.expand_dims(m2, zax) & (sd <= 0)
+    hu[m] = np.broadcast_to(np.expand_dims(val2, zax), hu.shape)[m]
 
 
 # ----------------------------------------------------------------------------- warping
@@ -1400,11 +1401,11 @@ def _metal_streaks(img, thr, spacing, rng):
     n0, n1 = img.shape[:2]
     X = (np.arange(n0)[:, None] * spacing[0]).astype(np.float32)
     Y = (np.arange(n1)[None, :] * spacing[1]).astype(np.float32)
-    amp = _u(rng, 150, 600)
-    nang = int(rng.integers(6, 16))
+    amp = _u(rng, 60, 250)
+    nang = int(rng.integers(3, 8))
     angs = rng.uniform(0, np.pi, nang)
     sgn = rng.choice([-1.0, 1.0], nang) * rng.uniform(0.3, 1.0, nang)
-    decay = _u(rng, 40, 150)
+    decay = _u(rng, 20, 70)
     for k in range(img.shape[2]):
         m = img[:, :, k] > thr
         if m.sum() < 2:
@@ -1412,20 +1413,21 @@ def _metal_streaks(img, thr, spacing, rng):
         lab2, nc = ndi.label(m)
         cen = np.array(ndi.center_of_mass(m, lab2, range(1, nc + 1))) * spacing[:2]
         add = np.zeros((n0, n1), np.float32)
-        for cx, cy in cen[:6]:
+        cen = cen[np.argsort(-np.bincount(lab2.ravel())[1:])][:4]  # the largest pieces only
+        for cx, cy in cen:
             dx, dy = X - cx, Y - cy
             r = np.sqrt(dx * dx + dy * dy) + 1e-3
             for t, s in zip(angs, sgn):
                 perp = np.abs(dx * np.sin(t) - dy * np.cos(t))
-                add += s * amp * np.exp(-perp ** 2 / 2.0) * np.exp(-r / decay)
-        for i in range(len(cen[:6])):  # dark band between metal objects
-            for j in range(i + 1, len(cen[:6])):
+                add += s * amp * np.exp(-perp ** 2 / (2 * 1.5 ** 2)) * np.exp(-r / decay)
+        for i in range(len(cen)):  # dark band between metal objects
+            for j in range(i + 1, len(cen)):
                 p, q = cen[i], cen[j]
                 d = q - p
                 L = np.linalg.norm(d) + 1e-6
                 t = np.clip(((X - p[0]) * d[0] + (Y - p[1]) * d[1]) / L ** 2, 0, 1)
                 dist = np.sqrt((X - p[0] - t * d[0]) ** 2 + (Y - p[1] - t * d[1]) ** 2)
-                add -= amp * 0.8 * np.exp(-dist ** 2 / (2 * 4.0 ** 2))
+                add -= amp * 0.6 * np.exp(-dist ** 2 / (2 * 4.0 ** 2))
         img[:, :, k] += np.where(m, 0, add)
 
 
@@ -1477,7 +1479,7 @@ def render_ct(labels: np.ndarray, affine: np.ndarray, names: dict, rng: np.rando
     tilt = np.rad2deg(np.arcsin(min(1.0, 25.0 / max(half[2], 1.0))))
     R = frame @ _rotation(rng, opts.max_rotation_deg, tilt) @ frame.T
     M = R @ frame @ np.diag(scales) @ frame.T
-    c_out = c_in + rng.uniform(-opts.max_shift_mm, opts.max_shift_mm, 3)
+    shift_out = rng.uniform(-opts.max_shift_mm, opts.max_shift_mm, 3)
     half = half / scales  # keep roughly the chosen anatomy in view
     amp = _u(rng, *opts.elastic_amplitude_mm)
     Lc = _u(rng, *opts.elastic_length_mm)
@@ -1494,6 +1496,17 @@ def render_ct(labels: np.ndarray, affine: np.ndarray, names: dict, rng: np.rando
         ctr = inv_in[:3, :3] @ c_in + inv_in[:3, 3]
         ext = np.abs(Pmat) @ half
         lo_v, hi_v = ctr - ext - marg_vox, ctr + ext + marg_vox
+        # first slide the field of view back into the map where the other side has room
+        shift = np.zeros(3)
+        for b in range(3):
+            under, over = lo_ok[b] - lo_v[b], hi_v[b] - hi_ok[b]
+            if under > 0 and over < 0:
+                shift[b] = min(under, -over)
+            elif over > 0 and under < 0:
+                shift[b] = -min(over, -under)
+        if np.any(shift != 0):
+            c_in = c_in + aff[:3, :3] @ shift
+            continue
         viol = np.maximum(lo_ok - lo_v, 0) + np.maximum(hi_v - hi_ok, 0)
         if not np.any(viol > 0):
             break
@@ -1501,6 +1514,7 @@ def render_ct(labels: np.ndarray, affine: np.ndarray, names: dict, rng: np.rando
             a = int(np.argmax(np.abs(Pmat[b]) * half))
             half[a] *= 0.97
     half = np.maximum(half, 5.0)
+    c_out = c_in + shift_out
     # output grid (frame coordinates relative to c_out)
     def grid_shape():  # odd sizes: the field-of-view centre is a voxel centre
         return np.maximum(2 * np.floor(half / out_sp).astype(int) + 1, 3)
