@@ -93,8 +93,37 @@ def test_training_fits_its_samples(tmp_path):
     torch.manual_seed(0)
     before = loss(lab.build_labeller(SMALL).eval())
     network, record = labeller_training.train_labeller(files, SMALL, minutes=60, seed=0, max_steps=200, log=lambda m: None)
-    assert record["steps"] == 200 and record["samples"] == 2
+    assert record["steps"] == 200 and record["samples"] == {"samples": 2}
     assert loss(network) < 0.5 * before
+
+
+def _sample_file(path, length=30, pairs=((10, 5.0), (11, 12.0))):
+    rng = np.random.default_rng(len(str(path)))
+    x = rng.integers(0, 255, (13, 13, length), dtype=np.uint8)
+    np.savez_compressed(path, x=x, pairs=np.array(pairs, np.float32).reshape(-1, 2))
+    return path
+
+
+def test_training_mixes_sources_at_their_shares_and_can_continue_from_a_labeller(tmp_path):
+    phantom = _sample_file(tmp_path / "phantom.npz")
+    rendered = _sample_file(tmp_path / "rendered.npz", 40)
+    empty = _sample_file(tmp_path / "empty.npz", 0, ())
+    torch.manual_seed(3)
+    start = lab.build_labeller(SMALL).eval()
+    groups = {"phantoms": ([phantom], 1.0), "ts": ([rendered], 0.5), "none": ([empty], 0.5)}
+    network, record = labeller_training.train_labeller(None, SMALL, 60, max_steps=0, groups=groups,
+                                                       start_from=start, log=lambda m: None)
+    # a source without usable samples is dropped and the shares renormalised
+    assert record["samples"] == {"phantoms": 1, "ts": 1}
+    assert record["shares"] == {"phantoms": pytest.approx(2 / 3, abs=1e-3), "ts": pytest.approx(1 / 3, abs=1e-3)}
+    assert record["fine_tuned"]
+    for a, b in zip(start.parameters(), network.parameters()):  # no step yet: the starting weights
+        assert torch.equal(a, b)
+    network, record = labeller_training.train_labeller(None, SMALL, 60, max_steps=3, groups=groups,
+                                                       start_from=start, log=lambda m: None)
+    assert record["steps"] == 3 and any(not torch.equal(a, b) for a, b in zip(start.parameters(), network.parameters()))
+    with pytest.raises(VertebraIDError, match="No training samples"):
+        labeller_training.train_labeller(None, SMALL, 60, max_steps=1, groups={"none": ([empty], 1.0)})
 
 
 def _tiny_model(tmp_path):
@@ -180,6 +209,13 @@ def test_train_labeller_command_refuses_bad_input(tmp_path, capsys):
     assert cli_main(["train-labeller", "--model", str(model_path), "--samples", str(tmp_path / "file"),
                      "--phantoms", "1", "--minutes", "0.01"]) != 0
     assert "is a file; give a folder" in capsys.readouterr().err
+    assert cli_main(["train-labeller", "--model", str(model_path), "--samples", str(tmp_path / "s"),
+                     "--labelmaps", str(tmp_path / "map.nii.gz"), "--renders", "0"]) != 0
+    assert "positive number of renders" in capsys.readouterr().err
+    assert cli_main(["train-labeller", "--model", str(model_path), "--samples", str(tmp_path / "s"),
+                     "--fine-tune"]) != 0
+    assert "has no level labeller to fine-tune" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
 
 
 def test_the_headless_training_module_trains_the_labeller_through_the_same_recipe(tmp_path):

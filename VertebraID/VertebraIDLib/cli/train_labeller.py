@@ -10,14 +10,18 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "train-labeller",
         help="train the level labeller (whole-spine level evidence) for a heatmap model",
-        description="Train the level labeller on phantoms: the CT straightened along the truth centreline, "
-        "labelled with each vertebra's level. Samples are cached in --samples (a rerun only adds missing "
-        "ones). The weights are written beside the model and, with --attach, recorded in its metadata, so "
-        "that `detect` and the Slicer module use them.",
+        description="Train the level labeller on phantoms and on CTs rendered from real label maps: the CT "
+        "straightened along the truth centreline, labelled with each vertebra's level. Samples are cached in "
+        "--samples (a rerun only adds missing ones). The weights are written beside the model and, with "
+        "--attach, recorded in its metadata, so that `detect` and the Slicer module use them.",
     )
     parser.add_argument("--model", required=True, help="the heatmap model (.safetensors) the labeller serves")
     parser.add_argument("--samples", required=True, help="folder for the phantom samples (kept between runs)")
     parser.add_argument("--phantoms", type=int, default=2000, help="phantom seeds 0..N-1 (default 2000)")
+    parser.add_argument("--labelmaps", nargs="*", default=[], metavar="LABELMAP",
+                        help="label maps of real anatomy (.nii.gz with <name>_labels.json beside it) to render CTs from")
+    parser.add_argument("--renders", type=int, default=300, help="CTs rendered per label map (default 300)")
+    parser.add_argument("--fine-tune", action="store_true", help="continue from the model's current labeller")
     parser.add_argument("--minutes", type=float, default=30.0, help="training time (default 30)")
     parser.add_argument("--seed", type=int, default=0, help="training random seed")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
@@ -30,5 +34,6 @@ def run(args) -> int:
     if args.threads < 0:
         raise VertebraIDError("--threads must not be negative.")
     train_for_model(args.model, args.samples, args.phantoms, args.minutes, args.seed, args.attach,
-                    log=lambda message: print(message, flush=True), threads=args.threads)
+                    log=lambda message: print(message, flush=True), threads=args.threads,
+                    labelmaps=args.labelmaps, renders=args.renders, fine_tune=args.fine_tune)
     return 0

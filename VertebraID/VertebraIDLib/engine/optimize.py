@@ -90,8 +90,8 @@ class EnergyModel:
     def pair_cost(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """R(a, b) of consecutive gaps (a already scaled by the expected growth); inf where a gap is 0.
 
-        "paper": exp(max(a/b, b/a)) (paper Eq. 5). "lognormal": a likelihood in nats times the
-        temperature: log(b/a) ~ N(0, spacing_sigma), so a halved gap costs what it should.
+        "paper": exp(max(a/b, b/a)) (paper Eq. 5). "lognormal": a log-likelihood in nats times
+        spacing_weight x α: log(b/a) ~ N(0, spacing_sigma), so a halved gap costs what it should.
         """
         a, b = np.asarray(a, float), np.asarray(b, float)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -99,7 +99,7 @@ class EnergyModel:
                 out = np.exp(np.minimum(np.maximum(a / b, b / a), 700))
             else:
                 nats = np.log(b / a) ** 2 / (2 * self.params.spacing_sigma ** 2)
-                out = self.params.spacing_weight * self.params.confidence_temperature * nats
+                out = self.params.spacing_weight * self.params.evidence_weight * nats
         return np.where((a > 0) & (b > 0), out, INF)
 
     def spacing_matrix(self, growth: float = 1.0) -> np.ndarray:
@@ -110,7 +110,7 @@ class EnergyModel:
         """(n_levels, n_gaps) cost of each gap after each level against the level's typical gap.
 
         Zero for the paper's prior. "lognormal": log(gap / typical) ~ N(0, gap_sigma) in nats times
-        the temperature (adult spines differ in size by ~+-20 %): packing two labels onto one body
+        spacing_weight x α (adult spines differ in size by ~+-20 %): packing two labels onto one body
         or stretching one gap over two bodies costs even where the neighbouring gaps agree.
         """
         if self.params.spacing_prior == "paper":
@@ -118,7 +118,7 @@ class EnergyModel:
         typical = np.array([typical_gap_mm(name) for name in self.labels.levels])
         g = self.gaps.astype(float) * self.step_mm
         nats = np.log(g[None, :] / typical[:, None]) ** 2 / (2 * self.params.gap_sigma ** 2)
-        return self.params.spacing_weight * self.params.confidence_temperature * nats
+        return self.params.spacing_weight * self.params.evidence_weight * nats
 
     def chain_energy(self, levels, positions) -> float:
         """Energy of one chain (inf when a gap is out of bounds)."""
@@ -160,8 +160,8 @@ def build_energy(
     an L6 one more lumbar one, so they take the evidence of T12 and L5, plus a prior cost
     (they are rare) that keeps a normal spine from being relabelled through them.
     `identity` (Z, levels): a log-likelihood in nats of each level at each sample (the ribs and
-    sacrum seen on the CT, `landmarks.level_log_likelihood`), weighed as a likelihood in the Gibbs
-    distribution of the confidences: -anatomy_weight x temperature x log-likelihood.
+    sacrum seen on the CT, `landmarks.level_log_likelihood`), weighed as -anatomy_weight x α x it: in
+    units of the maps' evidence, so that α and the temperature can be tuned without changing its share.
     """
     z = signals.shape[0]
     unary = np.empty((len(labels), z))
@@ -175,7 +175,7 @@ def build_energy(
             extra = 0.0
         unary[i] = -params.evidence_weight * labels.weight(name) * (q - params.evidence_floor) + extra
     if identity is not None:
-        unary -= params.anatomy_weight * params.confidence_temperature * np.asarray(identity, float).T
+        unary -= params.anatomy_weight * params.evidence_weight * np.asarray(identity, float).T
     gap_min, gap_max = gap_index_range(params, step_mm)
     return EnergyModel(unary, labels, gap_min, gap_max, params, step_mm)
 

@@ -42,12 +42,13 @@ class EngineSettings:
     evidence_weight: float = 20.0  # α: a clean vertebra (Q ≈ 1) is worth ~20, R costs >= e
     evidence_floor: float = 0.1  # f: Q below this counts against a chain
     level_spacing: bool = True  # R compares gaps after scaling by each level's typical growth
-    # R: "paper" = exp(max(a/b, b/a)); "lognormal" = a likelihood in nats x temperature: log gap ratios
+    # R: "paper" = exp(max(a/b, b/a)); "lognormal" = a log-likelihood in nats x spacing_weight x α (in units
+    # of the evidence, so α and T can be tuned without changing its share): log gap ratios
     # ~ N(0, spacing_sigma), and each gap against its level's typical gap ~ N(0, gap_sigma) in log
     spacing_prior: str = "paper"
     spacing_sigma: float = 0.15
     gap_sigma: float = 0.25
-    spacing_weight: float = 1.0
+    spacing_weight: float = 0.4
     transitional_cost: float = 6.0  # prior against T13 / L6 (present in a minority of spines)
     gap_min_mm: float = 10.0  # adult centres are >= ~13 mm apart (C3-C4), fractures included
     gap_max_mm: float = 90.0
@@ -55,8 +56,8 @@ class EngineSettings:
     # squeezing two labels onto one vertebra, or from skipping one, at any patient size.
     gap_fraction_min: float = 0.5
     gap_fraction_max: float = 2.2
-    # Ribs and sacrum read from the CT (landmarks.py), as a likelihood: this many times T per nat.
-    anatomy_weight: float = 1.0
+    # Ribs and sacrum read from the CT (landmarks.py): their log-likelihood in nats x anatomy_weight x α
+    anatomy_weight: float = 0.4
     # --- confidences: marginals of the Gibbs distribution exp(-L / T)
     confidence_temperature: float = 2.0  # scales with α: a model with its own α brings its own T
     confidence_radius_mm: float = 8.0  # a label is right when its level lies within this of the point

@@ -25,13 +25,14 @@ from ..errors import VertebraIDError
 from ..io.files import PathLike, atomic_path
 from ..networks.bundle import (
     attach_labeller,
+    load_labeller,
     model_paths,
     read_model_metadata,
     save_labeller,
 )
 from ..networks.labeller import LabellerConfig, build_labeller, straighten_image
 from ..networks.preprocess import preprocess
-from ..synthetic.labelmap_ct import LabelMap, vertebra_centres
+from ..synthetic.labelmap_ct import LabelMap, read_labelmap, vertebra_centres
 from ..synthetic.phantom import generate_phantom
 
 
@@ -52,11 +53,14 @@ def spine_sample(ct: Volume, truth: list[Vertebra], config: LabellerConfig, hu_w
 
     The centreline is the truth's, jittered by 2 mm and extended 10-60 mm past the end vertebrae
     (as a traced one is); the CT is prepared and windowed as inference does. None when the CT
-    shows fewer than two vertebrae.
+    shows fewer than two vertebrae (or is too small to be read).
     """
     if sum(v.label in CHANNEL_OF for v in truth) < 2:
         return None
-    image = preprocess(ct, model_spacing_mm, hu_window)
+    try:
+        image = preprocess(ct, model_spacing_mm, hu_window)
+    except VertebraIDError:  # a drawn field of view too thin to show vertebrae
+        return None
     line = centerline_through(truth, config.step_mm, rng, 2.0, tuple(rng.uniform(10.0, 60.0, 2)))
     x = straighten_image(image, line, config)
     pairs = [(CHANNEL_OF[v.label], float(line.project(np.asarray(v.position)[None])[0]))
@@ -145,30 +149,50 @@ def prepare_samples(folder: PathLike, seeds, config: LabellerConfig, hu_window, 
     return [folder / f"{s}.npz" for s in seeds]
 
 
-def train_labeller(sample_files, config: LabellerConfig, minutes: float, seed: int = 0,
-                   learning_rate: float = 1e-3, log: Callable = print, max_steps: int | None = None):
-    """Train on stored samples for `minutes` (cosine schedule over that time) or `max_steps` steps
-    (schedule over those), whichever ends first; returns (network, record)."""
-    import torch
-    import torch.nn.functional as F
-
+def _read_samples(files) -> list:
     samples = []
-    for f in sample_files:
+    for f in files:
         with np.load(f) as d:
             if d["x"].size:
                 samples.append((d["x"], d["pairs"]))
-    if not samples:
+    return samples
+
+
+def train_labeller(sample_files, config: LabellerConfig, minutes: float, seed: int = 0,
+                   learning_rate: float = 1e-3, log: Callable = print, max_steps: int | None = None,
+                   groups: dict | None = None, start_from=None):
+    """Train on stored samples for `minutes` (cosine schedule over that time) or `max_steps` steps
+    (schedule over those), whichever ends first; returns (network, record).
+
+    `groups` ({name: (files, share)}), when given instead of `sample_files`, mixes sources at fixed
+    shares of the steps (phantoms and each label map's renders), however many samples each has.
+    `start_from`: a labeller network whose weights training continues from (fine-tuning).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if groups is None:
+        groups = {"samples": (sample_files, 1.0)}
+    pools = {name: _read_samples(files) for name, (files, _) in groups.items()}
+    pools = {name: pool for name, pool in pools.items() if pool}
+    if not pools:
         raise VertebraIDError("No training samples with at least two vertebrae.")
+    names = sorted(pools)
+    shares = np.array([float(groups[name][1]) for name in names])
+    shares = shares / shares.sum()
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     network = build_labeller(config)
+    if start_from is not None:
+        network.load_state_dict(start_from.state_dict())
     optimizer = torch.optim.AdamW(network.parameters(), learning_rate, weight_decay=1e-4)
     pos_weight = torch.tensor(5.0)  # a bump covers a few planes of ~100: weigh them up
     start, step, recent = time.perf_counter(), 0, []
     total_s = max(float(minutes), 0.01) * 60
     network.train()
     while (elapsed := time.perf_counter() - start) < total_s and (max_steps is None or step < max_steps):
-        x, pairs = samples[int(rng.integers(len(samples)))]
+        pool = pools[names[int(rng.choice(len(names), p=shares))]]
+        x, pairs = pool[int(rng.integers(len(pool)))]
         x, pairs = _augment(x.astype(np.float32) / 255.0, pairs, rng)
         target = torch.from_numpy(target_signals(pairs, x.shape[2], config))[None]
         done = elapsed / total_s if max_steps is None else max(elapsed / total_s, step / max_steps)
@@ -186,17 +210,25 @@ def train_labeller(sample_files, config: LabellerConfig, minutes: float, seed: i
         if step % 500 == 0:
             log(f"labeller step {step}: loss {np.mean(recent[-500:]):.4f} ({elapsed / 60:.1f} min)")
     network.eval()
-    record = {"steps": step, "minutes": round((time.perf_counter() - start) / 60, 1), "samples": len(samples),
+    record = {"steps": step, "minutes": round((time.perf_counter() - start) / 60, 1),
+              "samples": {name: len(pools[name]) for name in names},
+              "shares": {name: round(float(share), 3) for name, share in zip(names, shares)},
+              "fine_tuned": start_from is not None,
               "final_loss": round(float(np.mean(recent[-500:])), 4) if recent else None, "seed": seed,
               "learning_rate": learning_rate}
     return network, record
 
 
 def train_for_model(model_path: PathLike, samples: PathLike, phantoms: int = 2000, minutes: float = 30.0,
-                    seed: int = 0, attach: bool = False, log: Callable = print, threads: int = 0) -> tuple[Path, dict]:
-    """The whole recipe for a heatmap model: phantom samples (its grid and HU window), training,
+                    seed: int = 0, attach: bool = False, log: Callable = print, threads: int = 0,
+                    labelmaps=(), renders: int = 0, fine_tune: bool = False) -> tuple[Path, dict]:
+    """The whole recipe for a heatmap model: samples on its grid and HU window, training,
     `<model>_labeller.safetensors` beside it and, with `attach`, its entry in the model's metadata.
-    `threads`: torch CPU threads (0: torch's default)."""
+
+    Samples: phantoms (seeds 0..phantoms-1, in `samples`) and, for each label map of real anatomy in
+    `labelmaps`, `renders` CTs rendered from it (in `samples/<label map name>`); phantoms take half
+    of the training steps and the label maps share the other half. `fine_tune` continues from the
+    labeller the model already has. `threads`: torch CPU threads (0: torch's default)."""
     import torch
 
     if isinstance(threads, bool) or int(threads) < 0:
@@ -205,19 +237,39 @@ def train_for_model(model_path: PathLike, samples: PathLike, phantoms: int = 200
         torch.set_num_threads(int(threads))
     if isinstance(phantoms, bool) or int(phantoms) < 1 or not float(minutes) > 0:
         raise VertebraIDError("The number of phantoms and the training minutes must be positive.")
+    if isinstance(renders, bool) or int(renders) < 0 or (labelmaps and int(renders) < 1):
+        raise VertebraIDError("Give a positive number of renders per label map.")
     weights, _ = model_paths(model_path)
     meta = read_model_metadata(weights)
-    config = LabellerConfig()
+    start_from = None
+    if fine_tune:
+        if meta.get("level_labeller") is None:
+            raise VertebraIDError(f"The model '{weights.name}' has no level labeller to fine-tune.")
+        start_from, config = load_labeller(meta["level_labeller"], weights.parent, "cpu")
+    else:
+        config = LabellerConfig()
     window = meta["normalization"]["hu_window"]
+    spacing = float(min(meta["spacing_mm"]))
 
-    def show(done, total):
-        if done % 100 == 0 or done == total:
-            log(f"phantom samples {done}/{total}")
+    def counter(kind):
+        def show(done, total):
+            if done % 100 == 0 or done == total:
+                log(f"{kind} samples {done}/{total}")
+        return show
 
-    files = prepare_samples(samples, range(int(phantoms)), config, window, float(min(meta["spacing_mm"])), show)
-    network, record = train_labeller(files, config, minutes, seed, log=log)
-    record.update({"data": f"phantoms, seeds 0..{int(phantoms) - 1}, rendered at 2 or 3 mm",
-                   "threads": torch.get_num_threads()})
+    sources = {"phantoms": (prepare_samples(samples, range(int(phantoms)), config, window, spacing,
+                                            counter("phantom")), 1.0)}
+    for path in labelmaps:
+        labelmap = read_labelmap(path)
+        name = labelmap.name
+        files = prepare_samples(Path(samples) / name, range(int(renders)), config, window, spacing,
+                                counter(name), labelmap=labelmap)
+        sources[name] = (files, 1.0 / len(labelmaps))
+    network, record = train_labeller(None, config, minutes, seed, log=log, groups=sources, start_from=start_from)
+    data = [f"phantoms, seeds 0..{int(phantoms) - 1}, rendered at 2 or 3 mm"]
+    data += [f"{int(renders)} CTs rendered from the label map {name} (deformed, imaged at 2 or 3 mm)"
+             for name in sources if name != "phantoms"]
+    record.update({"data": "; ".join(data), "threads": torch.get_num_threads()})
     out = weights.with_name(f"{weights.stem}_labeller.safetensors")
     entry = save_labeller(network, config, out, record)
     log(f"labeller -> {out}")
