@@ -6,19 +6,37 @@ this module's GUI-free Logic calls it, so the same run works inside Slicer:
     Slicer --no-main-window --python-script VertebraIDTrain/VertebraIDTrain.py -- CONFIG [--resume]
 
 Like VertebraID.py, the file imports without the Slicer application (slicer-core or plain
-Python): the scripted-module base classes are replaced by plain stand-ins there.
+Python): the scripted-module base classes are replaced by plain stand-ins there. It needs
+3D Slicer 5.10 or later (Python 3.10+); an older Slicer gets one sentence saying so.
+What training needs (torch, MONAI, safetensors, tqdm, TensorBoard) is checked as a whole
+before any work (`VertebraIDLib.slicer.requirements.TRAINING_REQUIREMENTS`).
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
-try:
-    import VertebraIDLib  # noqa: F401
-except ImportError:  # a source checkout: VertebraIDLib sits in the VertebraID module folder
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "VertebraID"))
+MINIMUM_SLICER_VERSION = "5.10"  # as VertebraID.py: the first 3D Slicer with Python >= 3.10
+PYTHON_SUPPORTED = tuple(sys.version_info[:2]) >= (3, 10)
+UNSUPPORTED_MESSAGE = (
+    f"VertebraID Train needs 3D Slicer {MINIMUM_SLICER_VERSION} or later (Python 3.10 or later), but this 3D Slicer "
+    f"runs Python {sys.version_info[0]}.{sys.version_info[1]}: please install a newer 3D Slicer."
+)
 
-from VertebraIDLib.errors import VertebraIDError
+if PYTHON_SUPPORTED:
+    try:
+        import VertebraIDLib  # noqa: F401
+    except ImportError:  # a source checkout: VertebraIDLib sits in the VertebraID module folder
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "VertebraID"))
+
+    from VertebraIDLib.errors import VertebraIDError
+    from VertebraIDLib.slicer import requirements
+else:
+    logging.error(UNSUPPORTED_MESSAGE)
+
+    class VertebraIDError(Exception):
+        pass
 
 try:  # only inside the 3D Slicer application
     import qt  # noqa: F401
@@ -45,6 +63,9 @@ class VertebraIDTrain(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["VertebraID contributors"]
         self.parent.hidden = True  # headless: run with --no-main-window --python-script
+        if not PYTHON_SUPPORTED:
+            self.parent.helpText = UNSUPPORTED_MESSAGE
+            return
         self.parent.helpText = (
             "Trains the heatmap network that the VertebraID module uses, from a configuration file "
             "(see VertebraIDTrain/configs/). Run: Slicer --no-main-window --python-script "
@@ -61,15 +82,19 @@ class VertebraIDTrainLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def missing_packages() -> list[str]:
-        import importlib.util
+        """The Python packages training needs that are missing or too old (the whole list at once)."""
+        return [r.module for r in requirements.missing(requirements.TRAINING_REQUIREMENTS)]
 
-        return [n for n in ("torch", "monai", "tensorboard") if importlib.util.find_spec(n) is None]
+    def check(self) -> None:
+        """One sentence naming every package training lacks (torch, monai, safetensors, tqdm, tensorboard)."""
+        if not PYTHON_SUPPORTED:
+            raise VertebraIDError(UNSUPPORTED_MESSAGE)
+        requirements.check(requirements.TRAINING_REQUIREMENTS, "Training", "",
+                           requirements.install_advice(requirements.TRAINING_REQUIREMENTS))
 
     def train(self, config, resume: bool = False, progress=None, **overrides):
         """Run `training.heatmap.train`; `overrides` set top-level settings (output_dir, device...)."""
-        missing = self.missing_packages()
-        if missing:
-            raise VertebraIDError(f"Training needs {', '.join(missing)}; install them first (pip_install in Slicer).")
+        self.check()
         from VertebraIDLib.training.config import TrainConfig, load_config, validate_config
         from VertebraIDLib.training.heatmap import train
 
@@ -83,14 +108,14 @@ class VertebraIDTrainLogic(ScriptedLoadableModuleLogic):
         return train(config, resume=resume, progress=progress, show_progress=not HAVE_SLICER_APP)
 
     def train_labeller(self, model_path, samples, phantoms: int = 2000, minutes: float = 30.0, attach: bool = False,
-                       log=print):
-        """Train the level labeller for a heatmap model (`training.labeller.train_for_model`); returns its path."""
-        missing = self.missing_packages()
-        if missing:
-            raise VertebraIDError(f"Training needs {', '.join(missing)}; install them first (pip_install in Slicer).")
+                       log=print, labelmaps=(), renders: int = 300, fine_tune: bool = False):
+        """Train the level labeller for a heatmap model on phantoms and, when `labelmaps` are given, on CTs
+        rendered from them (`training.labeller.train_for_model`); returns its path."""
+        self.check()
         from VertebraIDLib.training.labeller import train_for_model
 
-        return train_for_model(model_path, samples, phantoms, minutes, attach=attach, log=log)[0]
+        return train_for_model(model_path, samples, phantoms, minutes, attach=attach, log=log,
+                               labelmaps=labelmaps, renders=renders, fine_tune=fine_tune)[0]
 
 
 def main(argv: list[str]) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -171,3 +172,77 @@ def test_batch_on_a_real_lumbar_ct(tmp_path, capsys):
     ct = mrml.volume_from_node(scene.GetFirstNodeByName("ts_lumbar"))
     assert ct.shape3 == (122, 101, 112)
     np.testing.assert_allclose(ct.affine, nib.load(source / "ct.nii.gz").affine, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- no options: the bundled model
+
+
+def identified(predicted: list[tuple[str, np.ndarray]], truth: list[tuple[str, np.ndarray]], radius_mm=20.0) -> int:
+    """True vertebrae whose nearest prediction (within radius) carries their label."""
+    hits = 0
+    for label, position in truth:
+        d = [np.linalg.norm(p - position) for _, p in predicted]
+        if d and min(d) < radius_mm and predicted[int(np.argmin(d))][0] == label:
+            hits += 1
+    return hits
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_no_options_uses_the_bundled_model_on_a_phantom(tmp_path, capsys):
+    """Issue 17, item 7: `slicer-batch IN -o OUT` with no --model and no --points-dir, as `detect` does."""
+    pytest.importorskip("torch")
+    from VertebraIDLib.synthetic.phantom import generate_phantom
+
+    phantom = generate_phantom(3_000_017, levels="T11..S1", spacing=2.0, matrix=96, cut=False)
+    cts = tmp_path / "cts"
+    cts.mkdir()
+    write_nifti(phantom.ct, cts / "phantom.nii.gz")
+    out = tmp_path / "out"
+    assert run_batch(cts, "-o", out, "--screenshots") == 0
+    printed = capsys.readouterr().out
+    assert "1 done, 0 skipped, 0 failed, of 1 case(s)" in printed
+    labels = markups_labels(out / "phantom.vertebrae.mrk.json")
+    predicted = list(zip(labels, markups_positions_ras(out / "phantom.vertebrae.mrk.json")))
+    truth = [(v.label, v.position) for v in phantom.truth]
+    assert identified(predicted, truth) >= len(truth) - 1, (labels, [t for t, _ in truth])
+    scene = mrml.SceneContext.create().scene
+    mrml.read_scene_bundle(scene, out / "phantom.mrb")
+    [folder] = mrml.run_folders(scene)
+    evidence = json.loads(scene.GetSubjectHierarchyNode().GetItemAttribute(folder, mrml.ATTR_RUN))["evidence"]
+    assert "vertebraid.safetensors" in evidence  # the bundled model, as `vertebraid detect` uses
+    from PIL import Image
+
+    with Image.open(out / "phantom.png") as picture:  # --screenshots: two slice views side by side
+        assert picture.size[0] > picture.size[1] > 300
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+@pytest.mark.torch
+@pytest.mark.skipif(not (SHARED_DATA / "realct" / "ts_lumbar" / "ct.nii.gz").exists(), reason="real data absent")
+def test_no_options_on_a_real_ct(tmp_path, capsys):
+    """The bundled model on ts_lumbar: the vertebrae are found where TotalSegmentator has them; a research
+    preview on real CT, so only most labels are expected right (bench: 5 of 7)."""
+    pytest.importorskip("torch")
+    import nibabel as nib
+
+    source = SHARED_DATA / "realct" / "ts_lumbar"
+    cts = tmp_path / "cts"
+    cts.mkdir()
+    (cts / "ts_lumbar.nii.gz").symlink_to(source / "ct.nii.gz")
+    out = tmp_path / "out"
+    assert run_batch(cts, "-o", out) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"ts_lumbar: \d+ vertebrae \w+-\w+ in [\d.]+ s", printed), printed
+    seg = nib.load(source / "seg_totalseg.nii.gz")
+    labels = np.asarray(seg.dataobj)
+    truth = []
+    for ts_id, level in TS_LEVELS.items():
+        if level in ("L1", "L2", "L3", "L4", "L5"):  # whole in the scan
+            truth.append((level, nib.affines.apply_affine(seg.affine, np.argwhere(labels == ts_id).mean(axis=0))))
+    predicted = list(zip(markups_labels(out / "ts_lumbar.vertebrae.mrk.json"),
+                         markups_positions_ras(out / "ts_lumbar.vertebrae.mrk.json")))
+    found = [min(np.linalg.norm(p - position) for _, p in predicted) for _, position in truth]
+    assert max(found) < 25.0, found  # every lumbar vertebra found (centroids of whole vertebrae vs bodies)
+    assert identified(predicted, truth, 25.0) >= 3

@@ -431,13 +431,13 @@ def test_level_map_shows_one_vertebras_channel(scene_with_ct):
     source = VID.PointsHeatmapSource([v.position for v in truth], [{v.label: 1.0} for v in truth])
     run = logic.detect(ct_node, source)
     node = logic.show_level_map(run.folder, "t10")
-    assert node.GetName() == "Activation map T10"
+    assert node.GetName() == "CT: Activation map T10"
     level_map = mrml.volume_from_node(node)
     peak = level_map.voxel_to_world(np.array(np.unravel_index(np.argmax(level_map.array), level_map.shape3)))
     t10 = [v for v in truth if v.label == "T10"][0]
     assert np.linalg.norm(peak - t10.position) < 3.0
     again = logic.show_level_map(run.folder, "L2")  # the same node, now showing L2
-    assert again.GetID() == node.GetID() and again.GetName() == "Activation map L2"
+    assert again.GetID() == node.GetID() and again.GetName() == "CT: Activation map L2"
     with pytest.raises(VertebraIDError, match="transitional"):
         logic.show_level_map(run.folder, "T13")
     with pytest.raises(VertebraIDError, match="not a vertebra label"):

@@ -42,7 +42,8 @@ def _parser_texts() -> dict:
         ),
         "formatter_class": argparse.RawDescriptionHelpFormatter,
         "epilog": (
-            "outputs per case: <case>.vertebrae.mrk.json, <case>.centerline.mrk.json, <case>.mrb\n"
+            "outputs per case: <case>.vertebrae.mrk.json, <case>.centerline.mrk.json, <case>.mrb "
+            "(and <case>.png with --screenshots)\n"
             "points files (--points-dir): " + ", ".join(POINTS_NAMES)
         ),
     }
@@ -64,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=("exact", "paper"), default="exact", help="optimiser (default exact)")
     parser.add_argument("--transitional", action="store_true", help="allow T13 and L6")
     parser.add_argument("--overwrite", action="store_true", help="redo cases whose outputs already exist")
+    parser.add_argument("--screenshots", action="store_true",
+                        help="also write <case>.png: sagittal and coronal slice views with the labelled points "
+                             "(rendered off screen)")
     parser.set_defaults(func=run)
 
 
@@ -73,6 +77,7 @@ def run(args) -> int:
         model=Path(args.model) if args.model else None, device=args.device,
         points_dir=Path(args.points_dir) if args.points_dir else None, point_labels=args.point_labels,
         settings=EngineSettings(method=args.method, transitional=args.transitional), overwrite=args.overwrite,
+        screenshots=getattr(args, "screenshots", False),
     )
     report = run_batch(Path(args.input_dir), Path(args.output_dir), options, log=lambda m: print(m, flush=True))
     for case, error in report.failed:

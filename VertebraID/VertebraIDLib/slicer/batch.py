@@ -3,7 +3,10 @@
 Runs in PyPI's slicer-core and in 3D Slicer alike (`vertebraid slicer-batch`). Per case it
 leaves <case>.vertebrae.mrk.json (the labelled points), <case>.centerline.mrk.json (the
 centreline curve), both written by Slicer's markups storage node, and <case>.mrb (the whole
-scene: CT, points, centreline, maps, straightened volumes, signals table and plot).
+scene: CT, points, centreline, maps, straightened volumes, signals table and plot); with
+`screenshots`, also <case>.png (sagittal and coronal slice views of the CT with Ĝ over it and
+the labelled points, rendered off screen by Slicer's own slice-view code: `snapshot.py`).
+Evidence comes from the bundled model unless a model or a points folder is given.
 """
 from __future__ import annotations
 
@@ -32,13 +35,16 @@ def find_points_file(points_dir: Path, case: str) -> Path:
     )
 
 
-def output_paths(output_dir: Path, case: str) -> dict[str, Path]:
+def output_paths(output_dir: Path, case: str, screenshots: bool = False) -> dict[str, Path]:
     """Where the files of one case go."""
-    return {
+    paths = {
         "vertebrae": output_dir / f"{case}.vertebrae.mrk.json",
         "centerline": output_dir / f"{case}.centerline.mrk.json",
         "scene": output_dir / f"{case}.mrb",
     }
+    if screenshots:
+        paths["picture"] = output_dir / f"{case}.png"
+    return paths
 
 
 @dataclass
@@ -51,6 +57,7 @@ class BatchOptions:
     point_labels: str = "level"  # how the points' labels count as evidence
     settings: EngineSettings = field(default_factory=EngineSettings)
     overwrite: bool = False
+    screenshots: bool = False  # also <case>.png: the slice views with Ĝ and the labelled points
 
 
 @dataclass
@@ -84,10 +91,15 @@ def process_case(case: str, path: Path, output_dir: Path, options: BatchOptions)
     else:
         source = NetworkHeatmapSource(options.model, options.device)
     run = logic.detect(volume_node, source, options.settings, name=f"VertebraID {case}")
-    paths = output_paths(output_dir, case)
+    paths = output_paths(output_dir, case, options.screenshots)
     logic.save_results(run.folder, output_dir, case)
+    if options.screenshots:
+        from .snapshot import run_picture
+
+        run_picture(logic, run.folder, paths["picture"])
     logic.save_scene(paths["scene"])
-    return {"labels": [v.label for v in run.result.vertebrae], "seconds": time.perf_counter() - start}
+    return {"labels": [v.label for v in run.result.vertebrae], "seconds": time.perf_counter() - start,
+            "to_check": [v.label for v in run.result.vertebrae if v.needs_check]}
 
 
 def run_batch(input_dir: Path, output_dir: Path, options: BatchOptions,
@@ -108,7 +120,7 @@ def run_batch(input_dir: Path, output_dir: Path, options: BatchOptions,
         log(f"{path.name}: passed over (its name says it is a label image)")
     report = BatchReport()
     for case, path in found.cases:
-        paths = output_paths(output_dir, case)
+        paths = output_paths(output_dir, case, options.screenshots)
         if not options.overwrite and all(p.is_file() for p in paths.values()):
             log(f"{case}: skipped (outputs exist; --overwrite redoes it)")
             report.skipped += 1
@@ -122,7 +134,10 @@ def run_batch(input_dir: Path, output_dir: Path, options: BatchOptions,
             report.failed.append((case, "out of memory."))
             continue
         labels = summary["labels"]
-        log(f"{case}: {len(labels)} vertebrae {labels[0]}-{labels[-1]} in {summary['seconds']:.1f} s")
+        check = f" (check {', '.join(summary['to_check'])})" if summary.get("to_check") else ""
+        span = labels[0] if len(labels) == 1 else f"{labels[0]}-{labels[-1]}"
+        log(f"{case}: {len(labels)} {'vertebra' if len(labels) == 1 else 'vertebrae'} {span} in "
+            f"{summary['seconds']:.1f} s{check}")
         report.done += 1
     log(f"{report.done} done, {report.skipped} skipped, {len(report.failed)} failed, of {len(found.cases)} case(s); "
         f"results in {output_dir}")

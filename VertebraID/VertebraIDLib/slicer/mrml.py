@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ ATTR_ROLE = "VertebraID.Role"  # what a node is within a run (see ROLE_*)
 ATTR_RUN = "VertebraID.Run"  # on the run folder item: JSON with the run's settings
 ATTR_SOLVED = "VertebraID.Solved"  # on the point list: {point id: [label, x, y, z]} as last solved
 ATTR_SCALE = "VertebraID.Scale"  # on the quantised heatmap volume: value of one grey level
+ATTR_ADDED = "VertebraID.Added"  # on the point list: positions where the user added a vertebra without a label
 
 ROLE_POINTS = "vertebrae"
 ROLE_CENTERLINE = "centerline"
@@ -44,6 +46,7 @@ ROLE_STRAIGHT_COMBINED = "straightened-combined"
 ROLE_SIGNALS = "signals"
 ROLE_PLOT = "signals-plot"
 ROLE_SERIES = "signals-series"
+ROLE_DETAILS = "details"  # the sub-folder holding a run's intermediates (collapsed in the Data module)
 
 #: A moved point: displacement (mm) above which a point counts as moved by the user.
 MOVED_TOLERANCE_MM = 0.5
@@ -245,12 +248,15 @@ def remove_node_with_dependents(scene, node) -> None:
 # --------------------------------------------------------------------------- subject hierarchy
 
 
-def create_folder(scene, name: str, attributes: dict | None = None) -> int:
-    """A subject-hierarchy folder at the scene's top level; returns its item id."""
+def create_folder(scene, name: str, attributes: dict | None = None, parent: int | None = None,
+                  expanded: bool = True) -> int:
+    """A subject-hierarchy folder (at the top level, or inside `parent`); returns its item id."""
     shn = scene.GetSubjectHierarchyNode()
-    folder = shn.CreateFolderItem(shn.GetSceneItemID(), name)
+    folder = shn.CreateFolderItem(parent or shn.GetSceneItemID(), name)
     for key, value in (attributes or {}).items():
         shn.SetItemAttribute(folder, key, value)
+    if not expanded:
+        shn.SetItemExpanded(folder, False)
     return folder
 
 
@@ -266,13 +272,13 @@ def place_in_folder(scene, node, folder: int, role: str | None = None) -> None:
         node.SetAttribute(ATTR_ROLE, role)
 
 
-def folder_nodes(scene, folder: int) -> list:
-    """The data nodes directly inside a subject-hierarchy folder."""
+def folder_nodes(scene, folder: int, recursive: bool = False) -> list:
+    """The data nodes inside a subject-hierarchy folder (and its sub-folders with `recursive`)."""
     shn = scene.GetSubjectHierarchyNode()
     import vtk
 
     children = vtk.vtkIdList()
-    shn.GetItemChildren(folder, children, False)
+    shn.GetItemChildren(folder, children, recursive)
     nodes = []
     for i in range(children.GetNumberOfIds()):
         node = shn.GetItemDataNode(children.GetId(i))
@@ -282,8 +288,8 @@ def folder_nodes(scene, folder: int) -> list:
 
 
 def folder_node_by_role(scene, folder: int, role: str):
-    """The node of a run folder with this role (None if absent)."""
-    for node in folder_nodes(scene, folder):
+    """The node of a run folder (or its details sub-folder) with this role (None if absent)."""
+    for node in folder_nodes(scene, folder, recursive=True):
         if node.GetAttribute(ATTR_ROLE) == role:
             return node
     return None
@@ -294,6 +300,36 @@ def folder_of_node(scene, node) -> int:
     shn = scene.GetSubjectHierarchyNode()
     item = shn.GetItemByDataNode(node)
     return shn.GetItemParent(item) if item else 0
+
+
+def run_folder_of_node(scene, node) -> int:
+    """The VertebraID run folder holding `node`, directly or in a sub-folder (0 if none)."""
+    if node is None:
+        return 0
+    shn = scene.GetSubjectHierarchyNode()
+    item = shn.GetItemByDataNode(node)
+    top = shn.GetSceneItemID()
+    while item and item != top:
+        item = shn.GetItemParent(item)
+        if item and item != top and shn.GetItemAttribute(item, ATTR_RUN):
+            return item
+    return 0
+
+
+def remove_folder(scene, folder: int) -> None:
+    """Remove a subject-hierarchy folder with every node in it, as the Data module's "Delete" does.
+
+    The nodes go first (with their display and storage nodes), then the items. In 3D Slicer
+    an item disappears with its node; slicer-core lacks the Qt plugin logic that does this, and
+    its recursive RemoveItem loops for ever on a sub-folder whose node was removed, so the
+    items are removed explicitly, children first.
+    """
+    shn = scene.GetSubjectHierarchyNode()
+    for node in reversed(folder_nodes(scene, folder, recursive=True)):
+        if scene.IsNodePresent(node):
+            remove_node_with_dependents(scene, node)
+    shn.RemoveItemChildren(folder, False, True)
+    shn.RemoveItem(folder, False, False)
 
 
 def run_folders(scene) -> list[int]:
@@ -354,6 +390,13 @@ def check_input_volume_node(node) -> None:
     transform = node.GetParentTransformNode()
     if transform is not None and not transform.IsTransformToWorldLinear():
         raise VertebraIDError(f"'{name}' is under a non-linear transform; harden or remove it first.")
+
+
+def voxel_dtype(node):
+    """The numpy type of a volume node's voxels (a CT is usually int16)."""
+    import slicer
+
+    return np.asarray(slicer.util.arrayFromVolume(node)).dtype
 
 
 def volume_from_node(node, dtype=np.float32) -> Volume:
@@ -498,6 +541,10 @@ def read_volume(context: SceneContext, path: PathLike, name: str | None = None):
             if leftover.GetID() not in before:
                 context.scene.RemoveNode(leftover)
         raise VertebraIDError(f"'{path}' is not a readable volume.")
+    display = node.GetDisplayNode()
+    grey = context.scene.GetNodeByID("vtkMRMLColorTableNodeGrey")
+    if display is not None and not display.GetColorNodeID() and grey is not None:
+        display.SetAndObserveColorNodeID(grey.GetID())  # what Slicer's Volumes module gives a loaded CT
     return node
 
 
@@ -560,16 +607,18 @@ def region_color_node(scene):
 def _format_description(vertebra: Vertebra) -> str:
     if vertebra.locked:
         return "fixed by user"
+    if vertebra.extra.get("added"):
+        return "added point, " + vertebra.confidence_text
     return vertebra.confidence_text
 
 
-def _parse_confidence(description: str) -> float:
-    if description.startswith("confidence "):
-        try:
-            return float(description.split()[1])
-        except (IndexError, ValueError):
-            pass
-    return 1.0
+def parse_confidence(description: str) -> float:
+    """The confidence a point's description states ('confidence 0.42 (check)' -> 0.42); 1.0 if none."""
+    match = re.search(r"confidence ([0-9]*\.?[0-9]+)", description or "")
+    return float(match.group(1)) if match else 1.0
+
+
+_parse_confidence = parse_confidence
 
 
 def add_vertebrae_points(scene, vertebrae: list[Vertebra], name: str = "Vertebrae"):
@@ -623,6 +672,7 @@ class PointState:
     moved: bool
     renamed: bool
     text: str = ""  # the label exactly as the user left it
+    unnamed: bool = False  # no label of its own: empty, or the one Markups makes up ("Vertebrae-7")
 
     @property
     def edited(self) -> bool:
@@ -644,6 +694,27 @@ class PointEdits:
 def normalize_label(text: str) -> str:
     """'l1 ' -> 'L1'; labels are compared in this form."""
     return text.strip().upper()
+
+
+def is_unnamed_label(text: str, node) -> bool:
+    """Whether a point's label is no label: empty, or what Markups names a new point ('<list>-7').
+
+    Markups labels a point placed with the toolbar by the list's label format ('%N-%d': the
+    list's name and a number); such a point says "a vertebra here" without saying which.
+    """
+    text = (text or "").strip()
+    if not text:
+        return True
+    fmt = node.GetControlPointLabelFormat() if hasattr(node, "GetControlPointLabelFormat") else "%N-%d"
+    pattern = ""
+    for token in re.split(r"(%N|%d)", fmt or "%N-%d"):
+        if token == "%N":
+            pattern += re.escape(node.GetName() or "")
+        elif token == "%d":
+            pattern += r"\d+"
+        else:
+            pattern += re.escape(token)
+    return re.fullmatch(pattern, text) is not None
 
 
 def read_point_edits(node) -> PointEdits:
@@ -674,6 +745,7 @@ def read_point_edits(node) -> PointEdits:
                 moved,
                 renamed,
                 text,
+                is_unnamed_label(text, node),
             )
         )
     deleted = [(v[0], np.asarray(v[1:4], float)) for k, v in snapshot.items() if k not in seen]
@@ -902,26 +974,41 @@ def table_columns(table_node) -> dict[str, np.ndarray]:
 
 
 def write_scene_bundle(scene, path: PathLike) -> None:
-    """Save the whole scene as a Slicer scene bundle (.mrb: zipped .mrml + data), atomically."""
+    """Save the whole scene as a Slicer scene bundle (.mrb: zipped .mrml + data), atomically.
+
+    Afterwards the scene's root directory and URL point where it was saved, as after Slicer's
+    own "Save" (a failed save leaves them as they were); never at the temporary staging folder.
+    """
+    import shutil
+
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, suffix=".mrb") as tmp:
-        # WriteToMRB names the bundle's inner folder after the file; give it the case's name.
-        staging = tmp.parent / f".{path.stem}.staging"
-        staging.mkdir(exist_ok=True)
-        bundle = staging / path.name
-        try:
-            scene.SetRootDirectory(str(staging))
-            with captured_vtk_messages() as messages:
-                ok = scene.WriteToMRB(str(bundle))
-            if not ok or not bundle.is_file():
-                detail = f" ({messages[0].splitlines()[-1].strip()})" if messages else ""
-                raise VertebraIDError(f"Cannot write the scene bundle '{path}'{detail}.")
-            os.replace(bundle, tmp)
-        finally:
-            import shutil
-
-            shutil.rmtree(staging, ignore_errors=True)
+    previous = (scene.GetRootDirectory(), scene.GetURL())
+    saved = False
+    try:
+        with atomic_path(path, suffix=".mrb") as tmp:
+            # WriteToMRB names the bundle's inner folder after the file; give it the case's name.
+            staging = tmp.parent / f".{path.stem}.staging"
+            staging.mkdir(exist_ok=True)
+            bundle = staging / path.name
+            try:
+                scene.SetRootDirectory(str(staging))
+                with captured_vtk_messages() as messages:
+                    ok = scene.WriteToMRB(str(bundle))
+                if not ok or not bundle.is_file():
+                    detail = f" ({messages[0].splitlines()[-1].strip()})" if messages else ""
+                    raise VertebraIDError(f"Cannot write the scene bundle '{path}'{detail}.")
+                os.replace(bundle, tmp)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        saved = True
+    finally:
+        if saved:
+            scene.SetRootDirectory(str(path.parent))
+            scene.SetURL(str(path))
+        else:
+            scene.SetRootDirectory(previous[0] or "")
+            scene.SetURL(previous[1] or "")
 
 
 def read_scene_bundle(scene, path: PathLike) -> None:
