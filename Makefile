@@ -3,10 +3,10 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 OUT ?= out
-# The main job's default input: a synthetic CT (T1..S2, 2 mm) generated from a fixed seed that
-# no training, validation or test set uses; its true body centres are written beside it.
-EXAMPLE_SEED := 3000000
-EXAMPLE_CASE := example_$(EXAMPLE_SEED)
+# The main job's default input: a small real spine CT shipped with the extension (Apache-2.0,
+# VertebraID/Resources/SampleData/README.md), its true body centres beside it.
+SAMPLE_DIR := VertebraID/Resources/SampleData
+SAMPLE := VertebraIDSampleSpineCT
 
 .PHONY: setup run test bench gpu-wheels clean
 
@@ -18,12 +18,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[slicer,train,test]'
 	touch $@
 
-# The main job: the bundled model finds and labels the vertebrae of the example CT; then they are scored.
+# The main job: the bundled model finds and labels the vertebrae of the sample CT; then they are scored.
 run: setup
-	$(VENV)/bin/vertebraid phantom --seed $(EXAMPLE_SEED) --prefix example_ --levels T1..S2 --spacing 2 \
-		--transitional none -q -o $(OUT)/input
-	$(VENV)/bin/vertebraid detect $(OUT)/input/$(EXAMPLE_CASE)_ct.nii.gz -o $(OUT) --overwrite
-	$(VENV)/bin/vertebraid evaluate --pred $(OUT)/$(EXAMPLE_CASE).vertebrae.json --gt $(OUT)/input/$(EXAMPLE_CASE).vertebrae.json
+	$(VENV)/bin/vertebraid detect $(SAMPLE_DIR)/$(SAMPLE).nii.gz -o $(OUT) --overwrite
+	$(VENV)/bin/vertebraid evaluate --pred $(OUT)/$(SAMPLE).vertebrae.json --gt $(SAMPLE_DIR)/$(SAMPLE).vertebrae.json
 
 test: setup
 	$(PY) -m pytest -q -n 2 Testing/Python

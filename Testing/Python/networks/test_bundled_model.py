@@ -114,3 +114,20 @@ def test_detect_with_a_users_correction_relabels_a_real_scan(bundled, tmp_path, 
                  "--fixed", str(tmp_path / "fix.mrk.json")]) == 2
     assert "one CT" in capsys.readouterr().err
     assert not (tmp_path / "paper").exists() and not (tmp_path / "missing").exists() and not (tmp_path / "two").exists()
+
+
+@pytest.mark.slow
+def test_the_main_job_names_every_vertebra_of_the_shipped_real_ct(tmp_path, capsys):
+    """`make run`'s input: the real sample CT shipped with the extension (licence and truth beside it).
+
+    The bundled model must name all of its vertebrae (T12..S1) right, as the README promises a new
+    user; the files Slicer's Sample Data module and CMake install must be there.
+    """
+    folder = net.MODELS_DIR.parent / "SampleData"
+    ct, truth_file = folder / "VertebraIDSampleSpineCT.nii.gz", folder / "VertebraIDSampleSpineCT.vertebrae.json"
+    assert "Apache License" in (folder / "LICENSE.txt").read_text()
+    assert main(["detect", str(ct), "-o", str(tmp_path), "--no-picture"]) == 0
+    truth = read_vertebrae_json(truth_file)
+    assert [v.label for v in truth] == ["T12", "L1", "L2", "L3", "L4", "L5", "S1"]
+    evaluation = evaluate_case(read_vertebrae_json(tmp_path / "VertebraIDSampleSpineCT.vertebrae.json"), truth)
+    assert evaluation.num_identified == len(truth)
