@@ -21,13 +21,12 @@ from pathlib import Path
 
 import numpy as np
 from network_eval import predicted_phantoms
-from VertebraIDLib.engine.anatomy import LabelSet
 from VertebraIDLib.engine.corrections import Constraint
 from VertebraIDLib.engine.pipeline import prepare, solve
 from VertebraIDLib.engine.settings import EngineSettings
 from VertebraIDLib.evaluation.metrics import (
-    DEFAULT_MAX_DIST_MM,
     evaluate_case,
+    name_offsets,
     summarize,
 )
 from VertebraIDLib.io.cases import iter_cases
@@ -36,7 +35,6 @@ from VertebraIDLib.networks.bundle import load_model
 from VertebraIDLib.networks.predict import predict_evidence
 
 REALCT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "realct"
-LEVEL_ORDER = LabelSet.standard(transitional=True).levels
 
 
 def correction_rounds(prepared, truth, options: EngineSettings, rounds: int, vertebrae):
@@ -54,24 +52,6 @@ def correction_rounds(prepared, truth, options: EngineSettings, rounds: int, ver
         constraints.append(Constraint(fix.label, np.asarray(fix.position, float)))
         vertebrae = solve(prepared, options, constraints).vertebrae
     return evaluations + [evaluations[-1]] * (rounds + 1 - len(evaluations))
-
-
-def name_offsets(vertebrae, truth) -> list[int | None]:
-    """Per GT vertebra: levels between its nearest point's name and its own (None: no point)."""
-    if not vertebrae:
-        return [None] * len(truth)
-    pred = np.array([v.position for v in vertebrae], float)
-    gt = np.array([v.position for v in truth], float)
-    distances = np.linalg.norm(gt[:, None, :] - pred[None, :, :], axis=2)
-    out = []
-    for i, g in enumerate(truth):
-        j = int(np.argmin(distances[i]))
-        mutual = int(np.argmin(distances[:, j])) == i
-        if distances[i, j] <= DEFAULT_MAX_DIST_MM and mutual:
-            out.append(LEVEL_ORDER.index(vertebrae[j].label) - LEVEL_ORDER.index(g.label))
-        else:
-            out.append(None)
-    return out
 
 
 def rounds_table(per_case: list[list], rounds: int) -> list[str]:

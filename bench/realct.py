@@ -20,13 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from VertebraIDLib.engine.anatomy import LabelSet
 from VertebraIDLib.engine.settings import EngineSettings
 from VertebraIDLib.engine.vertebrae import CHECK_BELOW_CONFIDENCE
 from VertebraIDLib.errors import VertebraIDError
 from VertebraIDLib.evaluation.calibration import confidence_outcomes
-from VertebraIDLib.evaluation.metrics import DEFAULT_MAX_DIST_MM, evaluate_case, summarize
+from VertebraIDLib.evaluation.metrics import (
+    evaluate_case,
+    name_offsets,
+    summarize,
+)
 from VertebraIDLib.evaluation.qc import result_figure, save_figure
 from VertebraIDLib.io.cases import iter_cases
 from VertebraIDLib.io.files import write_text_atomic
@@ -45,7 +47,6 @@ LABELLED_HERE = {
     "taichi_lumbar_mpr_series6": "taichi_lumbar_mpr/series6",
     "tcia_lung_thick": "tcia_lung_thick/dicom",
 }
-LEVEL_ORDER = LabelSet.standard(transitional=True).levels
 
 
 @dataclass
@@ -68,24 +69,6 @@ def real_cases(root: Path = REALCT, labels: Path = LABELS) -> list[RealCase]:
             if truth:
                 cases.append(RealCase(name, root / image, truth))
     return cases
-
-
-def name_offsets(vertebrae, truth) -> list[int | None]:
-    """Per true vertebra: levels between its nearest point's name and its own (None: no point there)."""
-    if not vertebrae:
-        return [None] * len(truth)
-    pred = np.array([v.position for v in vertebrae], float)
-    gt = np.array([v.position for v in truth], float)
-    distances = np.linalg.norm(gt[:, None, :] - pred[None, :, :], axis=2)
-    out = []
-    for i, g in enumerate(truth):
-        j = int(np.argmin(distances[i]))
-        mutual = int(np.argmin(distances[:, j])) == i
-        if distances[i, j] <= DEFAULT_MAX_DIST_MM and mutual:
-            out.append(LEVEL_ORDER.index(vertebrae[j].label) - LEVEL_ORDER.index(g.label))
-        else:
-            out.append(None)
-    return out
 
 
 def _region_cell(evaluation, region: str) -> str:

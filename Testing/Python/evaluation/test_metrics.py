@@ -9,7 +9,7 @@ from conftest import SHARED_DATA
 from VertebraIDLib.engine.anatomy import LEVELS_26
 from VertebraIDLib.engine.vertebrae import Vertebra
 from VertebraIDLib.errors import VertebraIDError
-from VertebraIDLib.evaluation.metrics import evaluate_case, format_table, summarize
+from VertebraIDLib.evaluation.metrics import evaluate_case, format_table, name_offsets, summarize
 from VertebraIDLib.io import formats
 
 
@@ -197,3 +197,12 @@ def test_real_ground_truth_shifted_and_jittered():
     assert jitter.regions["all"].id_rate == 1.0 and jitter.num_all_correct == len(paths)
     assert jitter.regions["all"].error_mean_mm < 4.0
     assert shifted.regions["all"].num_identified == 0 and shifted.num_all_correct == 0
+
+
+def test_name_offsets_count_levels_between_a_points_name_and_the_truth():
+    truth = [Vertebra(label, np.array([0.0, 0.0, -30.0 * i])) for i, label in enumerate(("T12", "L1", "L2", "L3"))]
+    shifted = [Vertebra(label, v.position + 2.0) for label, v in zip(("L1", "L2", "L3", "L4"), truth)]
+    assert name_offsets(shifted, truth) == [1, 1, 1, 1]  # the whole chain one level too caudal
+    far = [Vertebra("T11", truth[0].position + [0, 0, 25.0])]  # beyond 20 mm: no point there
+    assert name_offsets(far, truth) == [None] * 4 and name_offsets([], truth) == [None] * 4
+    assert name_offsets([Vertebra("T11", truth[0].position)], truth) == [-1, None, None, None]

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..engine.anatomy import region
+from ..engine.anatomy import LabelSet, region
 from ..engine.vertebrae import Vertebra, sort_by_level
 from ..errors import VertebraIDError
 
@@ -269,3 +269,25 @@ def format_table(summary: Summary, title: str | None = None) -> str:
         f"({_percent(summary.all_correct_rate)}); extra predictions: {summary.num_extra}"
     )
     return "\n".join(text)
+
+
+def name_offsets(vertebrae: list[Vertebra], truth: list[Vertebra], max_dist_mm: float = DEFAULT_MAX_DIST_MM) -> list[int | None]:
+    """Per true vertebra: how many levels its nearest point's name is off (-1: named one level too
+    cranially); None where no point lies within `max_dist_mm` as its mutually nearest."""
+    if not vertebrae:
+        return [None] * len(truth)
+    standard, transitional = LabelSet.standard().levels, LabelSet.standard(transitional=True).levels
+    pred = np.array([v.position for v in vertebrae], float)
+    gt = np.array([v.position for v in truth], float)
+    distances = np.linalg.norm(gt[:, None, :] - pred[None, :, :], axis=2)
+    out = []
+    for i, g in enumerate(truth):
+        j = int(np.argmin(distances[i]))
+        mutual = int(np.argmin(distances[:, j])) == i
+        if distances[i, j] <= max_dist_mm and mutual:
+            pair = (vertebrae[j].label, g.label)
+            order = standard if all(label in standard for label in pair) else transitional  # T13, L6
+            out.append(order.index(pair[0]) - order.index(pair[1]))
+        else:
+            out.append(None)
+    return out
