@@ -14,33 +14,17 @@ slicer = pytest.importorskip("slicer")
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("slicer-core is not installed", allow_module_level=True)
 
+import spine_scene  # noqa: E402
 import vtk  # noqa: E402
 from VertebraIDLib.errors import VertebraIDError  # noqa: E402
 from VertebraIDLib.slicer import logic as VID  # noqa: E402
 from VertebraIDLib.slicer import mrml, review  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def spine():
-    return VID.synthetic_spine_case(seed=3, levels=("T3", "L4"))
-
-
-@pytest.fixture()
-def scene_with_ct(spine):
-    ct, truth = spine
-    context = mrml.SceneContext.create()
-    node = mrml.add_scalar_volume(context.scene, ct, "CT", window_level=(400.0, 40.0))
-    return context, node, truth
+spine, scene_with_ct = spine_scene.spine, spine_scene.scene_with_ct  # the shared fixtures, for pytest to find here
 
 
 def labels_of(points) -> list[str]:
     return [points.GetNthControlPointLabel(i) for i in range(points.GetNumberOfControlPoints())]
-
-
-def index_near(points, position) -> int:
-    d = [np.linalg.norm(np.array(points.GetNthControlPointPositionWorld(i)) - position)
-         for i in range(points.GetNumberOfControlPoints())]
-    return int(np.argmin(d))
 
 
 # --------------------------------------------------------------------------- pure parts

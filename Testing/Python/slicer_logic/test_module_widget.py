@@ -173,6 +173,7 @@ def test_dependencies_are_asked_once_before_any_wait_cursor(harness):
 
 
 def test_sample_data_is_registered_when_shipped(harness):
+    assert harness["sample_shipped"]  # Resources/SampleData holds the real sample CT
     assert harness["sample_without_file"] is False and harness["sample_with_file"] is True
     [entry] = harness["sample_registered"]
     assert entry["category"] == "VertebraID" and entry["uris"].startswith("file://")

@@ -20,39 +20,24 @@ slicer = pytest.importorskip("slicer")
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("slicer-core is not installed", allow_module_level=True)
 
-import vtk  # noqa: E402
+import spine_scene  # noqa: E402
+from spine_scene import node_ids, sh_item_count  # noqa: E402
 from VertebraIDLib.engine.progress import Cancelled  # noqa: E402
 from VertebraIDLib.errors import VertebraIDError  # noqa: E402
 from VertebraIDLib.slicer import background, mrml  # noqa: E402
 from VertebraIDLib.slicer import logic as VID  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def spine():
-    return VID.synthetic_spine_case(seed=3, levels=("T3", "L4"))
-
-
-@pytest.fixture()
-def scene_with_ct(spine):
-    ct, truth = spine
-    context = mrml.SceneContext.create()
-    node = mrml.add_scalar_volume(context.scene, ct, "CT", window_level=(400.0, 40.0))
-    return context, node, truth
+spine, scene_with_ct = spine_scene.spine, spine_scene.scene_with_ct  # the shared fixtures, for pytest to find here
 
 
 def points_source(truth):
     return VID.PointsHeatmapSource([v.position for v in truth], None)
 
 
-def node_ids(scene) -> set[str]:
-    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
-
-
-def sh_items(scene) -> int:
-    shn = scene.GetSubjectHierarchyNode()
-    ids = vtk.vtkIdList()
-    shn.GetItemChildren(shn.GetSceneItemID(), ids, True)
-    return ids.GetNumberOfIds()
+@pytest.fixture(autouse=True)
+def private_temp_folder(tmp_path, monkeypatch):
+    """Jobs' folders go to this test's own temporary folder: tests running beside it make their own."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 def job_folders() -> set[str]:
@@ -206,7 +191,7 @@ def test_cancel_mid_run_leaves_the_scene_as_it_was(scene_with_ct):
     context, ct_node, truth = scene_with_ct
     scene = context.scene
     logic = VID.VertebraIDLogic(context)
-    nodes, items, folders = node_ids(scene), sh_items(scene), job_folders()
+    nodes, items, folders = node_ids(scene), sh_item_count(scene), job_folders()
 
     # Cancel as soon as the child itself reports (it is then importing or computing).
     job = logic.start_detect(ct_node, points_source(truth))
@@ -217,7 +202,7 @@ def test_cancel_mid_run_leaves_the_scene_as_it_was(scene_with_ct):
     # Cancel at every progress report of a whole run, through the Logic's blocking form.
     messages = []
     logic.detect_in_background(ct_node, points_source(truth), progress=lambda f, m: messages.append(m))
-    nodes, items = node_ids(scene), sh_items(scene)
+    nodes, items = node_ids(scene), sh_item_count(scene)
     for stop_at in range(len(messages) - 2):  # the last reports come after the child has finished
         calls = []
 
@@ -227,7 +212,7 @@ def test_cancel_mid_run_leaves_the_scene_as_it_was(scene_with_ct):
 
         with pytest.raises(Cancelled):
             logic.detect_in_background(ct_node, points_source(truth), progress=cancel_at)
-        assert node_ids(scene) == nodes and sh_items(scene) == items, messages[stop_at]
+        assert node_ids(scene) == nodes and sh_item_count(scene) == items, messages[stop_at]
     assert job_folders() == folders
 
     # A Widget's cancel: the job is ended from outside while it runs.

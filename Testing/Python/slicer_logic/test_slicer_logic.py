@@ -17,8 +17,10 @@ slicer = pytest.importorskip("slicer")
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("slicer-core is not installed", allow_module_level=True)
 
+import spine_scene
 import vtk  # noqa: E402
 from conftest import MODULE_FILE, REPO
+from spine_scene import nearest_index, node_ids, sh_item_count
 from VertebraIDLib.engine.anatomy import LEVELS_26
 from VertebraIDLib.engine.evidence import Evidence
 from VertebraIDLib.engine.pipeline import locate
@@ -31,21 +33,11 @@ from VertebraIDLib.slicer import logic as VID  # noqa: E402
 from VertebraIDLib.slicer import mrml
 
 SCHEMA = REPO.parent / "shared" / "docs" / "specs" / "markups-schema-v1.0.3.json"
+spine, scene_with_ct = spine_scene.spine, spine_scene.scene_with_ct  # the shared fixtures, for pytest to find here
 
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def node_ids(scene) -> set[str]:
-    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
-
-
-def sh_item_count(scene) -> int:
-    shn = scene.GetSubjectHierarchyNode()
-    ids = vtk.vtkIdList()
-    shn.GetItemChildren(shn.GetSceneItemID(), ids, True)
-    return ids.GetNumberOfIds()
 
 
 def schema_validator():
@@ -53,14 +45,6 @@ def schema_validator():
     if not SCHEMA.exists():
         pytest.skip("markups schema absent")
     return jsonschema.Draft7Validator(json.loads(SCHEMA.read_text()))
-
-
-def nearest_index(points_node, position) -> int:
-    d = [
-        np.linalg.norm(np.array(points_node.GetNthControlPointPositionWorld(i)) - position)
-        for i in range(points_node.GetNumberOfControlPoints())
-    ]
-    return int(np.argmin(d))
 
 
 def point_table(points_node) -> list[tuple[str, np.ndarray, bool]]:
@@ -72,20 +56,6 @@ def point_table(points_node) -> list[tuple[str, np.ndarray, bool]]:
         )
         for i in range(points_node.GetNumberOfControlPoints())
     ]
-
-
-@pytest.fixture(scope="module")
-def spine():
-    """A synthetic CT (T3..L4) and its true vertebrae."""
-    return VID.synthetic_spine_case(seed=3, levels=("T3", "L4"))
-
-
-@pytest.fixture()
-def scene_with_ct(spine):
-    ct, truth = spine
-    context = mrml.SceneContext.create()
-    node = mrml.add_scalar_volume(context.scene, ct, "CT", window_level=(400.0, 40.0))
-    return context, node, truth
 
 
 class ZeroMapsSource:

@@ -385,6 +385,7 @@ def wait_for_job(widget, timeout_s=120.0):
 
 
 def main() -> None:
+    tempfile.tempdir = tempfile.mkdtemp()  # jobs' folders here: tests running beside this one make their own
     install_qt()
     install_scripted_module()
     from VertebraIDLib.slicer import mrml, requirements
@@ -410,10 +411,11 @@ def main() -> None:
     RESULT["title"] = parent._props["title"]
     RESULT["help_has_link"] = module.DOCUMENTATION_URL in parent._props["helpText"]
     RESULT["startup_slots"] = len(slicer.app._slots["startupCompleted()"])
+    shipped = module.sampleDataPath
+    RESULT["sample_shipped"] = shipped() is not None
+    module.sampleDataPath = lambda: None  # an extension built without it
     RESULT["sample_without_file"] = module.registerSampleData()
-    sample = Path(tempfile.mkdtemp()) / module.SAMPLE_DATA_FILE
-    sample.write_bytes(b"a stand-in for the sample CT")
-    module.sampleDataPath = lambda: str(sample)
+    module.sampleDataPath = shipped
     RESULT["sample_with_file"] = module.registerSampleData()
     RESULT["sample_registered"] = registered
 

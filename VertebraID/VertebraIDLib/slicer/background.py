@@ -118,6 +118,7 @@ class DetectJob:
         self.state = "running"  # running, done, failed, cancelled
         self.error: str | None = None
         self.log: list[str] = []  # the child's other output (warnings, a traceback)
+        self._reports: list[tuple[float, str]] = [(self.fraction, self.message)]  # not yet passed on by wait()
         self.started = time.perf_counter()
         self._lines: queue.Queue = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -195,6 +196,7 @@ class DetectJob:
         if "progress" in message:
             self.fraction = float(message["progress"])
             self.message = str(message.get("message", ""))
+            self._reports.append((self.fraction, self.message))
         if "error" in message:
             self.error = str(message["error"])
 
@@ -236,17 +238,21 @@ class DetectJob:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def wait(self, progress=None, interval_s: float = 0.05) -> "DetectJob":
-        """Block until the child ends, passing its progress on; `progress` returning True cancels.
+        """Block until the child ends, passing each of its progress reports on, in order, however fast
+        it ran; `progress` returning True cancels (also after the child has finished: nothing is read).
 
         Raises `Cancelled` after a cancel and `VertebraIDError` (the child's sentence) after a failure.
         """
-        reported = None
-        while self.poll():
-            if progress is not None and (self.fraction, self.message) != reported:
-                reported = (self.fraction, self.message)
-                if progress(self.fraction, self.message):
+        while True:
+            running = self.poll()
+            while progress is not None and self._reports and self.state in ("running", "done"):
+                fraction, message = self._reports.pop(0)
+                if progress(fraction, message):
                     self.cancel()
-                    raise Cancelled(self.message)
+                    self.state = "cancelled"
+                    raise Cancelled(message)
+            if not running:
+                break
             time.sleep(interval_s)
         if self.state == "cancelled":
             raise Cancelled(self.message)

@@ -237,14 +237,8 @@ class VertebraIDLogic(ScriptedLoadableModuleLogic):
 
     # ----------------------------------------------------------------- Detect
 
-    def detect(
-        self,
-        volume_node,
-        source,
-        settings: EngineSettings = EngineSettings(),
-        progress: ProgressCallback | None = None,
-        name: str | None = None,
-    ) -> DetectRun:
+    def detect(self, volume_node, source, settings: EngineSettings = EngineSettings(),
+               progress: ProgressCallback | None = None, name: str | None = None) -> DetectRun:
         """Input volume -> the source's evidence -> the engine -> a new results folder (in this process).
 
         Raises VertebraIDError (one sentence) for bad input or when no spine is found, and
@@ -253,10 +247,7 @@ class VertebraIDLogic(ScriptedLoadableModuleLogic):
         scene as it was. The GUI uses `start_detect` / `finish_detect` instead (a child process).
         """
         timings: dict[str, float] = {}
-        mrml.check_input_volume_node(volume_node)
-        check = getattr(source, "check", None)
-        if check is not None:
-            check()
+        self._check_input(volume_node, source)
         report(progress, 0.0, "Reading the volume")
         t0 = time.perf_counter()
         ct = mrml.volume_from_node(volume_node)
@@ -280,6 +271,14 @@ class VertebraIDLogic(ScriptedLoadableModuleLogic):
         return run
 
     @staticmethod
+    def _check_input(volume_node, source) -> None:
+        """Raise VertebraIDError (one sentence) for an unusable volume or a source that cannot run here."""
+        mrml.check_input_volume_node(volume_node)
+        check = getattr(source, "check", None)
+        if check is not None:
+            check()
+
+    @staticmethod
     def _check_found(volume_node, result: pipeline.Result) -> None:
         if result.prepared.centerline is None or not result.vertebrae:
             raise VertebraIDError(
@@ -295,10 +294,7 @@ class VertebraIDLogic(ScriptedLoadableModuleLogic):
         packages); the scene is not touched. Poll the job (`job.poll()`, `job.fraction`,
         `job.message`), cancel it (`job.cancel()`), then `finish_detect(job)` builds the nodes.
         """
-        mrml.check_input_volume_node(volume_node)
-        check = getattr(source, "check", None)
-        if check is not None:
-            check()
+        self._check_input(volume_node, source)
         ct = mrml.volume_from_node(volume_node, dtype=mrml.voxel_dtype(volume_node))
         job = DetectJob.start(ct, source.to_spec(), settings, python, volume_node.GetName())
         job.input_node_id = volume_node.GetID()
@@ -319,15 +315,9 @@ class VertebraIDLogic(ScriptedLoadableModuleLogic):
         return self._add_run(volume_node, output.result, output.straight_ct, name, timings,
                              getattr(job, "combined_is_sum", True))
 
-    def detect_in_background(
-        self,
-        volume_node,
-        source,
-        settings: EngineSettings = EngineSettings(),
-        progress: ProgressCallback | None = None,
-        name: str | None = None,
-        python: str | None = None,
-    ) -> DetectRun:
+    def detect_in_background(self, volume_node, source, settings: EngineSettings = EngineSettings(),
+                             progress: ProgressCallback | None = None, name: str | None = None,
+                             python: str | None = None) -> DetectRun:
         """`detect` through the child process, waiting for it: `progress` returning True cancels
         (the child is ended, its folder removed, the scene left as it was)."""
         report(progress, 0.0, "Starting")
