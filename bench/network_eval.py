@@ -18,7 +18,11 @@ from pathlib import Path
 import numpy as np
 from VertebraIDLib.engine.pipeline import locate, prepare, solve
 from VertebraIDLib.engine.settings import METHODS, EngineSettings
-from VertebraIDLib.evaluation.calibration import confidence_outcomes, confidence_table
+from VertebraIDLib.evaluation.calibration import (
+    calibration_summary,
+    confidence_outcomes,
+    confidence_table,
+)
 from VertebraIDLib.evaluation.metrics import evaluate_case, summarize
 from VertebraIDLib.io.files import write_text_atomic
 from VertebraIDLib.networks.bundle import load_model
@@ -100,7 +104,8 @@ def phantom_ablation(model, n: int, seed: int, log) -> str:
         err = "-" if a.error_mean_mm is None else f"{a.error_mean_mm:.2f} ± {a.error_std_mm:.2f}"
         lines.append(f"| {method} | {rate('C')} | {rate('T')} | {rate('L')} | {rate('S')} | {rate('all')} | {err} | "
                      f"{100 * summary.all_correct_rate:.1f} % |")
-    settings = ", ".join(f"{k} {v:g}" for k, v in model.engine_settings.items() if k != "sigma_mm") or "none"
+    settings = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}"
+                         for k, v in model.engine_settings.items() if k != "sigma_mm") or "none"
     default_rate = 100 * summarize(engine_default).regions["all"].id_rate
     lines += ["", f"Optimiser settings from the model's metadata: {settings}; exact with the engine's defaults "
               f"(α {DEFAULTS.evidence_weight:g}, floor {DEFAULTS.evidence_floor:g}, centreline threshold "
@@ -110,6 +115,7 @@ def phantom_ablation(model, n: int, seed: int, log) -> str:
               f"{len(peak_errors)} vertebrae (median distance {np.median(peak_errors):.0f} mm).",
               "", strongest_channel_text(strongest),
               "", confidence_table(confidence_hits),
+              "", f"Calibration (exact): {calibration_summary(confidence_hits)}",
               "", f"network + preparation per phantom: median {np.median(times):.1f} s", ""]
     return "\n".join(lines)
 

@@ -21,9 +21,12 @@ from pathlib import Path
 
 import numpy as np
 from VertebraIDLib.engine.settings import EngineSettings
-from VertebraIDLib.engine.vertebrae import CHECK_BELOW_CONFIDENCE
 from VertebraIDLib.errors import VertebraIDError
-from VertebraIDLib.evaluation.calibration import confidence_outcomes
+from VertebraIDLib.evaluation.calibration import (
+    calibration_summary,
+    confidence_outcomes,
+    reliability_figure,
+)
 from VertebraIDLib.evaluation.metrics import (
     evaluate_case,
     name_offsets,
@@ -114,9 +117,9 @@ def run(model_path: Path | None, pictures: Path | None, settings: EngineSettings
 
     summary = summarize(evaluations)
     overall = summary.regions["all"]
-    confident = [ok for c, ok in hits if c >= 0.9]
-    wrong = [c for c, ok in hits if not ok]
-    flagged = [c < CHECK_BELOW_CONFIDENCE for c in wrong]
+    if pictures is not None and hits:
+        save_figure(reliability_figure(hits, "Real scans: confidence against share right"),
+                    pictures / "reliability.png")
     lines = [f"## Real scans ({len(evaluations)}), `vertebraid detect` with {Path(model.path).name}", "",
              "| scan | truth | predicted | identified | C | T | L | S | name off by (levels:vertebrae) | "
              "error (mm) | confidences of wrong labels | s |",
@@ -124,10 +127,7 @@ def run(model_path: Path | None, pictures: Path | None, settings: EngineSettings
              f"Identified: **{overall.num_identified} of {overall.num_gt} ({100 * overall.id_rate:.1f} %)**; "
              f"scans all correct: {sum(e.all_correct for e in evaluations)} of {len(evaluations)}"
              + (f"; refused: {', '.join(failures)}" if failures else "") + ".", "",
-             f"Calibration: {len(confident)} labels with confidence >= 0.9, "
-             + (f"{100 * np.mean(confident):.0f} % right" if confident else "-")
-             + f"; {len(wrong)} wrong labels, {sum(flagged)} of them flagged (confidence < {CHECK_BELOW_CONFIDENCE:g})"
-             + (f" ({100 * np.mean(flagged):.0f} %)." if wrong else ".")]
+             f"Calibration: {calibration_summary(hits)}"]
     return "\n".join(lines)
 
 

@@ -193,7 +193,9 @@ def test_two_fixed_consecutive_levels_may_be_closer_than_the_hard_gap_limit():
     labels = LabelSet.standard()
     c1, c2, c3 = labels.index("C1"), labels.index("C2"), labels.index("C3")
     signal = _peaks_signal(60, {0: 0, 1: 4, 2: 14, 3: 22})
-    params = EngineSettings(gap_fraction_min=0.05)  # fractions alone would allow 2-sample gaps
+    # fractions alone would allow 2-sample gaps; the paper's R: a log-normal one would also weigh
+    # the next gap against the fixed pair's 8 mm
+    params = EngineSettings(gap_fraction_min=0.05, spacing_prior="paper")
     model = build_energy(signal, labels, 2.0, params)
     fixed = [FixedLevel(c1, 0), FixedLevel(c2, 4)]
     with pytest.raises(InconsistentFixedPoints):
@@ -237,7 +239,8 @@ def test_the_lognormal_prior_makes_packing_two_labels_onto_one_body_cost():
     for i, name in enumerate(labels.levels):
         signals[8 + 10 * i, labels.channel(name)] = 1.0  # every 20 mm at 2 mm samples
     signals[14, labels.channel("T5")] = 1.5  # a stronger T5 blob 12 mm below T4
-    model = build_energy(signals, labels, 2.0, EngineSettings(evidence_weight=20.0, confidence_temperature=2.0))
+    model = build_energy(signals, labels, 2.0, EngineSettings(evidence_weight=20.0, confidence_temperature=2.0,
+                                                              spacing_prior="paper"))
     packed = model.chain_energy([0, 1, 2], [8, 14, 28])
     even = model.chain_energy([0, 1, 2], [8, 18, 28])
     lognormal = build_energy(signals, labels, 2.0, EngineSettings(evidence_weight=20.0, confidence_temperature=2.0,

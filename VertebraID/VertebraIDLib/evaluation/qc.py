@@ -25,7 +25,8 @@ from ..io.files import atomic_path
 BONE_WINDOW = (-250.0, 1250.0)
 
 
-def _figure_module():
+def figure_class():
+    """Matplotlib's Figure on the Agg backend (no window, no pyplot state)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -126,7 +127,7 @@ def render_views(ct: Volume, vertebrae=None, centerline_ras=None, title: str | N
         raise VertebraIDError("QC views need a 3-D CT volume.")
     if ct.array.size == 0:
         raise VertebraIDError("The CT volume is empty.")
-    Figure = _figure_module()
+    Figure = figure_class()
     corners = ct.corners_world()
     extent = corners.max(0) - corners.min(0)
     if step_mm is None:
@@ -222,7 +223,7 @@ def result_figure(result, ct: Volume | None = None, title: str | None = None):
     ribs and sacrum read from the CT (when they were); the 1-D signals Q̂ and Q_v along the
     centreline with the chosen positions.
     """
-    Figure = _figure_module()
+    Figure = figure_class()
     prepared = result.prepared
     rect = prepared.rectified
     show_ct = ct is not None and rect is not None
