@@ -10,8 +10,8 @@ from VertebraIDLib.engine.volume import Volume
 from VertebraIDLib.errors import VertebraIDError
 from VertebraIDLib.networks import bundle as net
 from VertebraIDLib.networks import heatmap as heatmap_net
-from VertebraIDLib.networks.predict import predict_heatmaps
-from VertebraIDLib.networks.preprocess import preprocess
+from VertebraIDLib.networks.predict import body_box, predict_heatmaps
+from VertebraIDLib.networks.preprocess import preprocess, reduce_and_window
 from VertebraIDLib.synthetic.phantom import generate_phantom, write_phantom
 
 TINY = heatmap_net.NetworkConfig(channels=(4, 8, 16))
@@ -38,6 +38,25 @@ def test_preprocess_gives_a_ras_grid_at_the_model_spacing(phantom):
     extent_in = np.ptp(phantom.ct.corners_world(), axis=0)
     extent_out = np.ptp(image.corners_world(), axis=0)
     assert np.all(np.abs(extent_in - extent_out) <= 8.0 + 1e-6)
+
+
+def test_a_fortran_ordered_ct_is_reduced_the_same_as_a_c_ordered_one():
+    rng = np.random.default_rng(0)
+    array = rng.normal(0, 300, (60, 62, 48)).astype(np.int16)
+    affine = np.diag([0.8, 0.8, 1.0, 1.0])
+    array[:4] = -1000  # air, so that the CT check passes
+    c_order = reduce_and_window(Volume(np.ascontiguousarray(array), affine), (4.0, 4.0, 4.0), (-250, 1250))
+    f_order = reduce_and_window(Volume(np.asfortranarray(array), affine), (4.0, 4.0, 4.0), (-250, 1250))
+    assert c_order.array.shape == f_order.array.shape == (12, 12, 12)  # blocks of 5 x 5 x 4 voxels
+    assert np.allclose(c_order.array, f_order.array) and np.allclose(c_order.affine, f_order.affine)
+
+
+def test_the_body_box_keeps_the_patient_with_a_margin_and_everything_when_there_is_none():
+    array = np.zeros((40, 30, 20), np.float32)
+    array[10:20, 5:8, 12] = 0.4  # the patient
+    array[0, 0, 0] = 0.01  # below the level: air with noise
+    assert body_box(array, margin=2) == (slice(8, 22), slice(3, 10), slice(10, 15))
+    assert body_box(np.zeros((5, 6, 7), np.float32)) == (slice(0, 5), slice(0, 6), slice(0, 7))
 
 
 @pytest.mark.slow

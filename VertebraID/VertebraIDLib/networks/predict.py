@@ -35,6 +35,28 @@ from .bundle import Model, resolve_device
 from .labeller import level_signals
 from .preprocess import preprocess
 
+#: Windowed intensity above which a voxel is the patient (≈ -175 HU with the usual window: fat and
+#: every tissue, not air), and the margin kept around the patient (voxels of the network's grid).
+BODY_LEVEL = 0.05
+BODY_MARGIN = 8
+
+
+def body_box(array: np.ndarray, level: float = BODY_LEVEL, margin: int = BODY_MARGIN) -> tuple[slice, ...]:
+    """The patient's bounding box (plus a margin) in the network's input; the whole image when no voxel is above `level`.
+
+    Outside it there is only air, which the windowed input already holds at 0, as the sliding
+    window's padding does: cropping to it spares the network the windows that see only air.
+    """
+    inside = array > level
+    if not inside.any():
+        return tuple(slice(0, n) for n in array.shape)
+    box = []
+    for axis in range(array.ndim):
+        other = tuple(a for a in range(array.ndim) if a != axis)
+        hits = np.flatnonzero(inside.any(axis=other))
+        box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, array.shape[axis])))
+    return tuple(box)
+
 
 def _window_count(shape, roi, overlap: float) -> int:
     count = 1
@@ -83,7 +105,9 @@ def predict_evidence(
     image = preprocess(ct, model.spacing_mm, model.hu_window)
     network = model.network.to(torch_device).eval()
     roi = model.patch_size
-    total = _window_count(image.shape3, roi, overlap)
+    box = body_box(image.array)
+    cropped = image.array[box]
+    total = _window_count(cropped.shape, roi, overlap)
     done = [0]
 
     def run_windows(batch):
@@ -97,11 +121,12 @@ def predict_evidence(
         roi_size=roi, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian",
         sw_device=torch_device, device=torch.device("cpu"), padding_mode="constant", cval=0.0,
     )
-    tensor = torch.from_numpy(image.array)[None, None]
+    tensor = torch.from_numpy(np.ascontiguousarray(cropped))[None, None]
     with torch.inference_mode():
         output = (inferer(tensor, run_windows)[0] / model.heatmap_height).clamp(min=0.0)
     dtype = np.float16 if compact else np.float32
-    maps = np.ascontiguousarray(np.moveaxis(output.numpy(), 0, -1), dtype=dtype)
+    maps = np.zeros(image.shape3 + (output.shape[0],), dtype=dtype)
+    maps[box] = np.moveaxis(output.numpy(), 0, -1)
     description = f"network model {model.path.name if model.path else '(in memory)'}"
     if model.labeller is not None:
         description += " with its level labeller"

@@ -62,12 +62,17 @@ def _block_average(ct: Volume, spacing_mm) -> Volume:
     factors = np.maximum(np.floor(min(spacing_mm) / ct.spacing + 1e-6).astype(int), 1)
     if np.all(factors == 1):
         return ct
-    tensor = torch.from_numpy(np.ascontiguousarray(ct.array, dtype=np.float32))[None, None]
-    pooled = torch.nn.functional.avg_pool3d(tensor, kernel_size=tuple(int(f) for f in factors), ceil_mode=False)
+    # Image readers often give Fortran-ordered arrays: pool their C-ordered transpose (a view), not a
+    # reordered copy of the whole CT, and transpose the small result back.
+    transposed = not ct.array.flags.c_contiguous and ct.array.flags.f_contiguous
+    data, kernel = (ct.array.T, factors[::-1]) if transposed else (ct.array, factors)
+    tensor = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None, None]
+    pooled = torch.nn.functional.avg_pool3d(tensor, kernel_size=tuple(int(f) for f in kernel), ceil_mode=False)
+    pooled = pooled[0, 0].numpy()
     affine = ct.affine.copy()
     affine[:3, 3] = ct.voxel_to_world((factors - 1) / 2.0)
     affine[:3, :3] = ct.affine[:3, :3] * factors
-    return Volume(pooled[0, 0].numpy(), affine)
+    return Volume(pooled.T if transposed else pooled, affine)
 
 
 def _to_meta_tensor(volume: Volume):
