@@ -8,8 +8,9 @@ edited point as a hard constraint (`pipeline.solve(..., constraints)`, what the 
 Logic.relabel calls). Simulated here: each round, the user corrects the most cranial vertebra
 that is not identified, placing its true label at its true centre; the others are re-solved.
 A scan stops once all its vertebrae are identified. Cases: held-out phantoms (the seeds of
-`network_eval.py`) and every labelled real scan in ../shared/data/realct, each with the
-model's own engine settings. For the real scans it also says where the first result went wrong:
+`network_eval.py`) and the labelled real scans of `realct.py` (a scan detect refuses counts as
+nothing identified), each with the model's own engine settings. A Re-label the engine refuses
+(it says so in one sentence, as Slicer shows it) leaves the labels as they were and is listed. For the real scans it also says where the first result went wrong:
 how many vertebrae got a point at all (any label, mutually nearest, <= 20 mm) and by how many
 levels those points' names are off.
 """
@@ -21,25 +22,26 @@ from pathlib import Path
 
 import numpy as np
 from network_eval import predicted_phantoms
+from realct import real_cases
 from VertebraIDLib.engine.corrections import Constraint
 from VertebraIDLib.engine.pipeline import prepare, solve
 from VertebraIDLib.engine.settings import EngineSettings
+from VertebraIDLib.errors import VertebraIDError
 from VertebraIDLib.evaluation.metrics import (
     evaluate_case,
     name_offsets,
     summarize,
 )
-from VertebraIDLib.io.cases import iter_cases
 from VertebraIDLib.io.files import write_text_atomic
+from VertebraIDLib.io.images import read_image
 from VertebraIDLib.networks.bundle import load_model
 from VertebraIDLib.networks.predict import predict_evidence
 
-REALCT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "realct"
 
-
-def correction_rounds(prepared, truth, options: EngineSettings, rounds: int, vertebrae):
+def correction_rounds(prepared, truth, options: EngineSettings, rounds: int, vertebrae, refusals: list | None = None):
     """Evaluations after 0..rounds corrections of `vertebrae`, the automatic result (a finished
-    scan repeats its last one)."""
+    scan repeats its last one). A Re-label the engine refuses (the user sees its sentence) leaves the
+    labels as they were; its message goes to `refusals`."""
     constraints: list[Constraint] = []
     evaluations = []
     for _ in range(rounds + 1):
@@ -50,7 +52,11 @@ def correction_rounds(prepared, truth, options: EngineSettings, rounds: int, ver
             break
         fix = next(v for v in truth if v.label == wrong[0])
         constraints.append(Constraint(fix.label, np.asarray(fix.position, float)))
-        vertebrae = solve(prepared, options, constraints).vertebrae
+        try:
+            vertebrae = solve(prepared, options, constraints).vertebrae
+        except VertebraIDError as exc:
+            if refusals is not None:
+                refusals.append(f"after {len(constraints)} correction(s): {exc}")
     return evaluations + [evaluations[-1]] * (rounds + 1 - len(evaluations))
 
 
@@ -74,20 +80,29 @@ def main(argv=None) -> int:
     options = EngineSettings().with_metadata(model.metadata)
     rounds = args.corrections
 
-    phantom_rounds = []
+    phantom_rounds, refused = [], []
     for case_seed, truth, evidence, _ in predicted_phantoms(model, args.phantoms, args.seed):
         prepared = prepare(evidence, options)
-        phantom_rounds.append(correction_rounds(prepared, truth, options, rounds, solve(prepared, options).vertebrae))
+        refusals: list[str] = []
+        phantom_rounds.append(correction_rounds(prepared, truth, options, rounds, solve(prepared, options).vertebrae,
+                                                refusals))
+        refused += [f"phantom {case_seed}, {r}" for r in refusals]
         print(f"phantom {case_seed}: " + " -> ".join(str(e.num_identified) for e in phantom_rounds[-1])
               + f" of {phantom_rounds[-1][0].num_gt}", flush=True)
 
     real_rounds, real_rows = [], []
-    for case in iter_cases(REALCT):
-        if case.image is None or not case.truth:
+    for case in real_cases():  # the scans of bench/realct.py
+        try:
+            prepared = prepare(predict_evidence(read_image(case.image_path), model, "cpu"), options)
+        except VertebraIDError as exc:  # refused by detect: nothing to correct
+            real_rounds.append([evaluate_case([], case.truth)] * (rounds + 1))
+            real_rows.append(f"| {case.name} | {case.truth[0].label}..{case.truth[-1].label} | refused: {exc} | | |")
+            print(real_rows[-1], flush=True)
             continue
-        prepared = prepare(predict_evidence(case.image, model, "cpu"), options)
         automatic = solve(prepared, options).vertebrae
-        evaluations = correction_rounds(prepared, case.truth, options, rounds, automatic)
+        refusals = []
+        evaluations = correction_rounds(prepared, case.truth, options, rounds, automatic, refusals)
+        refused += [f"{case.name}, {r}" for r in refusals]
         real_rounds.append(evaluations)
         offsets = name_offsets(automatic, case.truth)
         found = [o for o in offsets if o is not None]
@@ -102,12 +117,14 @@ def main(argv=None) -> int:
              "and re-labels; the rest is re-solved with the fixed points as hard constraints.", "",
              f"### {args.phantoms} held-out phantoms (seeds {args.seed}..{args.seed + args.phantoms - 1})", ""]
     lines += rounds_table(phantom_rounds, rounds)
-    lines += ["", f"### Real scans with labels (../shared/data/realct), {n_real} vertebrae", ""]
+    lines += ["", f"### Real scans of bench/realct.py, {n_real} vertebrae", ""]
     lines += rounds_table(real_rounds, rounds)
     lines += ["", "Before any correction: vertebrae that got a point (any name, mutually nearest, ≤ 20 mm) and by how many "
               "levels those points' names are off (negative: named too cranially); identified after 0..n corrections.", "",
               "| scan | truth | got a point | name off by (levels: vertebrae) | identified |", "|---|---|---|---|---|"]
     lines += real_rows
+    lines += ["", f"Re-labels the engine refused (the labels stay as they were): {len(refused)}"]
+    lines += [f"- {r}" for r in refused]
     report = "\n".join(lines)
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
