@@ -89,6 +89,17 @@ def test_a_users_fixed_label_relabels_the_whole_chain():
     assert next(v for v in fixed.vertebrae if v.label == "T7").locked
 
 
+def test_fixed_points_no_chain_can_hold_are_refused_with_the_reason():
+    # Swapped names (T8 above T6) and neighbours put 5 vertebrae apart: one sentence naming them.
+    case = simulate_case(21, spacing_mm=3.0, difficulty="clean", levels=("T3", "T11"))
+    prepared = prepare(case.heatmaps)
+    at = {v.label: v.position for v in case.truth}
+    with pytest.raises(VertebraIDError, match="T8 lies at or above T6 along the traced spine"):
+        solve(prepared, constraints=[Constraint("T6", at["T8"]), Constraint("T8", at["T6"])])
+    with pytest.raises(VertebraIDError, match=r"T4 and T5 lie \d+ mm apart .* more than 1 gap"):
+        solve(prepared, constraints=[Constraint("T4", at["T4"]), Constraint("T5", at["T10"])])
+
+
 def test_progress_can_cancel():
     case = simulate_case(5, spacing_mm=4.0, difficulty="clean", levels=("L1", "S2"))
     seen = []

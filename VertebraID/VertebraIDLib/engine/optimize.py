@@ -217,6 +217,24 @@ def exempt_fixed_gaps(model: EnergyModel, fixed: list[FixedLevel]) -> EnergyMode
     return replace(model, exempt_gaps=frozenset(exempt), gap_min=min(model.gap_min, *(g for _, g in exempt)))
 
 
+def fixed_points_problem(model: EnergyModel, fixed: list[FixedLevel]) -> str:
+    """Why no chain fits the fixed points, in one sentence a user can act on."""
+    names = model.labels.levels
+    by_level = sorted(fixed, key=lambda f: f.level)
+    gap_max_mm = model.params.gap_max_mm
+    for a, b in zip(by_level, by_level[1:]):
+        span_mm = (b.position - a.position) * model.step_mm
+        if span_mm <= 0:
+            return (f"No vertebra order fits the fixed points: {names[b.level]} lies at or above {names[a.level]} "
+                    "along the traced spine; check their names.")
+        gaps = b.level - a.level
+        if span_mm > gaps * gap_max_mm:
+            return (f"No vertebra order fits the fixed points: {names[a.level]} and {names[b.level]} lie "
+                    f"{span_mm:.0f} mm apart along the traced spine, more than {gaps} gap(s) between neighbours can "
+                    f"span ({gap_max_mm:g} mm each); check their names, or where the traced spine leaves the vertebrae.")
+    return "No vertebra order is consistent with the fixed points."
+
+
 def gap_fraction_fitting(fixed: list[FixedLevel], labels: LabelSet, step_mm: float, fraction: float) -> float | None:
     """A shortest-gap fraction below `fraction` that leaves room between the fixed levels, or None.
 
