@@ -201,12 +201,17 @@ class InconsistentFixedPoints(VertebraIDError):
     """No chain of consecutive levels fits the fixed points under the gap bounds."""
 
 
+def _neighbouring_fixed(fixed: list[FixedLevel]):
+    """Pairs of fixed levels that follow each other in level order (no fixed level between them)."""
+    by_level = sorted(fixed, key=lambda f: f.level)
+    return zip(by_level, by_level[1:])
+
+
 def exempt_fixed_gaps(model: EnergyModel, fixed: list[FixedLevel]) -> EnergyModel:
     """`model` with the gaps between consecutively fixed levels allowed: the user's points win."""
-    by_level = sorted(fixed, key=lambda f: f.level)
     exempt = {
         (a.level, b.position - a.position)
-        for a, b in zip(by_level, by_level[1:])
+        for a, b in _neighbouring_fixed(fixed)
         if b.level in model.labels.successors(a.level) and b.position > a.position
     }
     if not exempt:
@@ -220,9 +225,8 @@ def exempt_fixed_gaps(model: EnergyModel, fixed: list[FixedLevel]) -> EnergyMode
 def fixed_points_problem(model: EnergyModel, fixed: list[FixedLevel]) -> str:
     """Why no chain fits the fixed points, in one sentence a user can act on."""
     names = model.labels.levels
-    by_level = sorted(fixed, key=lambda f: f.level)
     gap_max_mm = model.params.gap_max_mm
-    for a, b in zip(by_level, by_level[1:]):
+    for a, b in _neighbouring_fixed(fixed):
         span_mm = (b.position - a.position) * model.step_mm
         if span_mm <= 0:
             return (f"No vertebra order fits the fixed points: {names[b.level]} lies at or above {names[a.level]} "
@@ -242,9 +246,8 @@ def gap_fraction_fitting(fixed: list[FixedLevel], labels: LabelSet, step_mm: flo
     its level's typical gap, so the span between them bounds the fraction. A margin of one
     sample per gap absorbs the rounding of positions to samples.
     """
-    by_level = sorted(fixed, key=lambda f: f.level)
     needed = fraction
-    for a, b in zip(by_level, by_level[1:]):
+    for a, b in _neighbouring_fixed(fixed):
         between = labels.levels[a.level:b.level]
         typical = sum(typical_gap_mm(name) for name in between)
         span = (b.position - a.position - len(between)) * step_mm
@@ -356,10 +359,10 @@ def solve_exact(model: EnergyModel, fixed: list[FixedLevel] | None = None) -> Ch
     energy, state = best
     if state is None:
         if fixed:
-            raise InconsistentFixedPoints("No vertebra order is consistent with the fixed points.")
+            raise InconsistentFixedPoints(fixed_points_problem(model, fixed))
         return Chain([], [], 0.0)
     if not np.isfinite(energy):
-        raise InconsistentFixedPoints("No vertebra order is consistent with the fixed points.")
+        raise InconsistentFixedPoints(fixed_points_problem(model, fixed))
     levels, positions = [], []
     lvl, k, j = state
     while True:

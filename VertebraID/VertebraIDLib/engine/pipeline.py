@@ -198,12 +198,9 @@ def solve(
                 # The user's points win over the shortest-gap bound: lower it just enough for them.
                 relaxed = opt.gap_fraction_fitting(fixed, labels, rect.step_mm, settings.gap_fraction_min)
                 if relaxed is None:
-                    raise opt.InconsistentFixedPoints(opt.fixed_points_problem(model, fixed)) from None
+                    raise
                 model = replace(model, params=model.params.updated(gap_fraction_min=relaxed))  # unary unchanged
-                try:
-                    chain = opt.solve_exact(model, fixed)
-                except opt.InconsistentFixedPoints:
-                    raise opt.InconsistentFixedPoints(opt.fixed_points_problem(model, fixed)) from None
+                chain = opt.solve_exact(model, fixed)
         timings["optimize"] = time.perf_counter() - t0
         confidences = None
         if settings.method == "exact":
