@@ -131,6 +131,35 @@ def test_exact_is_never_worse_than_the_papers_algorithm(seed):
     assert solve_order(model, combined).levels is not None
 
 
+def test_the_papers_algorithm_recovers_from_a_spurious_maximum_that_breaks_the_gap_bounds():
+    # L1..S1 every 18 samples (36 mm), and a spurious maximum of Q̂ 7 samples below L3: the
+    # initial chain has a 14 mm gap, which no lumbar level allows. Algorithm 1 searches without the
+    # bounds (as the paper does) and still names the lumbar spine; its energy is the bounded one.
+    centres = {c: 10 + 18 * i for i, c in enumerate(range(19, 25))}
+    signals = _peaks_signal(120, centres)
+    combined = signals.sum(axis=1)
+    combined += 0.6 * np.exp(-0.5 * ((np.arange(120) - (centres[21] + 7)) / 2.0) ** 2)
+    model = build_energy(signals, LabelSet.standard(), 2.0, EngineSettings(spacing_prior="paper", evidence_floor=0.1))
+    paper, order = solve_paper(model, combined), solve_order(model, combined)
+    assert len(paper.levels) >= 5, "Algorithm 1 stopped at its infeasible start"
+    names = [model.labels.levels[lvl] for lvl in paper.levels]
+    assert {"L1", "L2", "L5"} <= set(names)
+    assert paper.energy == pytest.approx(model.chain_energy(paper.levels, paper.positions))
+    assert solve_exact(model).energy <= paper.energy + 1e-6
+    assert len(order.levels) == 7  # one label per maximum, whatever the gaps
+
+
+def test_the_papers_algorithm_returns_its_lowest_state_even_above_zero():
+    # Three weak, unevenly spaced maxima: every chain through them costs more (R >= e) than it gains,
+    # but Algorithm 1 (which has no empty chain) still returns the best state it visited, not nothing.
+    signals = _peaks_signal(120, {10: 20, 11: 40, 12: 90})
+    model = build_energy(signals, LabelSet.standard(), 2.0,
+                         EngineSettings(spacing_prior="paper", evidence_floor=0.9, evidence_weight=1.0))
+    paper = solve_paper(model, signals.sum(axis=1))
+    assert paper.levels and paper.energy > 0
+    assert solve_exact(model).energy <= 0.0
+
+
 def test_transitional_level_used_only_when_the_evidence_asks_for_it():
     # Five lumbar-looking peaks after T12 (L1..L5 channels all fire on each): without the
     # transitional option they are L1..L5; with it an L6 needs its own evidence.

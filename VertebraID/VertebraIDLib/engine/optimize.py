@@ -17,6 +17,17 @@ Solvers:
 - `solve_exact`: dynamic programming over (level, position, previous gap): the global minimum.
 - `solve_paper`: Algorithm 1 (local maxima of Q̂, offset, hill-climbing fine-tune, expansion).
 - `solve_order`: local maxima of Q̂ with the offset step only (Table 2's base+rect+order).
+
+How we read Algorithm 1 (checked against Table 2's ordering in `bench/ablation.py`):
+- initial centres: the local maxima of Q̂ that rise above the floor by the floor (a prominence
+  test; the paper names none, and without one every ripple of a noisy Q̂ starts a vertebra);
+- its search space is v_l in [1, 26], k_i in [0, L]: no gap bounds. Ours are a project choice; when
+  Algorithm 1 searched inside them, one spurious or missed maximum made every offset infinite
+  and it stopped where it started (Table 2 showed paper < base). It now searches without them
+  and its chain is scored under the bounded energy, so exact and paper compare on one energy;
+- it returns the lowest state it visited whatever its sign (the paper has no empty chain; we
+  had returned nothing when every state cost more than it gained);
+- the loop stops when an offset step no longer lowers the energy.
 - `marginals`: sum-product on the same lattice; per-vertebra confidence.
 """
 from __future__ import annotations
@@ -318,7 +329,9 @@ def solve_exact(model: EnergyModel, fixed: list[FixedLevel] | None = None) -> Ch
     incoming = [np.full((z, ng), INF, np.float32) for _ in range(n)]
     incoming_from = [np.full((z, ng), -1, np.int16) for _ in range(n)]
     end_with_gap = [None] * n  # E[ℓ] (z, ng)
-    cont_arg = [None] * n  # for M[ℓ]: -1 = chain starts at ℓ, else previous gap index
+    # what M[ℓ] was made of (start costs, the previous gaps used, R): the backtrack recomputes the
+    # few argmins it needs instead of the forward pass storing one per state
+    continuation = [None] * n
 
     best = (0.0 if not fixed else INF, None)  # (energy, (level, k, j or -1))
     for lvl in range(n):
@@ -339,16 +352,17 @@ def solve_exact(model: EnergyModel, fixed: list[FixedLevel] | None = None) -> Ch
         # Only gaps that can occur: previous gaps that reached this level, next gaps it allows.
         prev = np.nonzero(np.isfinite(e).any(axis=0))[0]
         nxt = np.nonzero(allowed[lvl])[0]
-        r = model.spacing_matrix(growth[lvl]).astype(np.float32)[np.ix_(prev, nxt)]
-        via = e[:, prev, None] + r[None, :, :]
-        arg = np.argmin(via, axis=1) if len(prev) else np.zeros((z, len(nxt)), int)
-        best_via = np.take_along_axis(via, arg[:, None, :], axis=1)[:, 0, :] if len(prev) else np.full((z, len(nxt)), INF, np.float32)
-        use_start = start[:, None] <= best_via
+        # (position, next gap, previous gap): the reductions run along the contiguous last axis
+        spacing = model.spacing_matrix(growth[lvl]).astype(np.float32)
+        continuation[lvl] = (start, prev, spacing)
+        if len(prev):
+            # (position, next gap, previous gap): the minimum runs along the contiguous last axis
+            r = np.ascontiguousarray(spacing[np.ix_(prev, nxt)].T)
+            best_via = (e[:, prev][:, None, :] + r[None, :, :]).min(axis=2)
+        else:
+            best_via = np.full((z, len(nxt)), INF, np.float32)
         m = np.full((z, ng), INF, np.float32)
-        m[:, nxt] = np.where(use_start, start[:, None], best_via)
-        cont = np.full((z, ng), -1, np.int16)
-        cont[:, nxt] = np.where(use_start, -1, prev[arg] if len(prev) else -1)
-        cont_arg[lvl] = cont
+        m[:, nxt] = np.minimum(start[:, None], best_via)
         m += gap_cost[lvl][None, :]  # the gap to the next vertebra, against this level's typical gap
         shifted = np.where(src_ok, m[src, np.arange(ng)[None, :]], INF)
         for s in succ:
@@ -372,11 +386,20 @@ def solve_exact(model: EnergyModel, fixed: list[FixedLevel] | None = None) -> Ch
             break
         prev_lvl = int(incoming_from[lvl][k, j])
         prev_k = int(k - gaps[j])
-        j = int(cont_arg[prev_lvl][prev_k, j])
+        j = _previous_gap(end_with_gap[prev_lvl], *continuation[prev_lvl], prev_k, j)
         lvl, k = prev_lvl, prev_k
     levels, positions = levels[::-1], positions[::-1]
     # the DP runs in float32; report the chain's energy in float64 like every other solver
     return Chain(levels, positions, model.chain_energy(levels, positions))
+
+
+def _previous_gap(end_with_gap, start, prev, spacing, k: int, j: int) -> int:
+    """Backtrack step: the gap before the vertebra at k whose next gap is j (-1: the chain starts there)."""
+    if len(prev) == 0:
+        return -1
+    via = end_with_gap[k, prev] + spacing[prev, j]
+    i = int(np.argmin(via))
+    return -1 if start[k] <= via[i] else int(prev[i])
 
 
 # --------------------------------------------------------------------------- confidence
@@ -477,6 +500,21 @@ def _initial_positions(model: EnergyModel, combined_signal: np.ndarray) -> np.nd
     return peaks
 
 
+def unbounded(model: EnergyModel) -> EnergyModel:
+    """The same energy over Algorithm 1's search space (v_l in [1, 26], k_i in [0, L]): no gap bounds.
+
+    The hard gap bounds are the project's (every exact chain keeps them). Algorithm 1 moves one
+    centre by one sample or inserts a midpoint, so from an initial chain that breaks a bound (one
+    spurious or one missed maximum of Q̂) every offset has infinite energy and it could never move:
+    it searches without them, as the paper does, and R alone keeps the gaps even.
+    """
+    length = model.length
+    params = model.params.updated(gap_min_mm=model.step_mm, gap_max_mm=max(length, 2) * model.step_mm,
+                                  gap_fraction_min=1e-9, gap_fraction_max=1e9)
+    gap_min, gap_max = gap_index_range(params, model.step_mm)
+    return replace(model, params=params, gap_min=gap_min, gap_max=gap_max)
+
+
 def _standard_levels(model: EnergyModel) -> np.ndarray:
     """Level indices of the 26 standard levels (the paper has no transitional vertebrae)."""
     return np.array([i for i, name in enumerate(model.labels.levels) if name not in ("T13", "L6")])
@@ -521,13 +559,21 @@ def _expand(model: EnergyModel, levels_for, ks: np.ndarray):
 
 
 def solve_paper(model: EnergyModel, combined_signal: np.ndarray) -> Chain:
-    """Algorithm 1 of the paper, returning the lowest-energy state it visits."""
-    standard = _standard_levels(model)
+    """Algorithm 1 of the paper: the lowest-energy state it visits.
+
+    It searches without the gap bounds (`unbounded`), and the chain it returns carries its energy
+    under `model` (infinite where it breaks a bound), so that it compares with the exact solver's.
+    """
     ks = _initial_positions(model, combined_signal)
-    best = Chain([], [], 0.0)
     if len(ks) == 0:
-        return best
-    start = 0
+        return Chain([], [], 0.0)
+    return _rescored(model, _algorithm_1(unbounded(model), ks))
+
+
+def _algorithm_1(model: EnergyModel, ks: np.ndarray) -> Chain:
+    """Offset, fine-tune and expansion from the initial centres `ks` until the offset's energy stops falling."""
+    standard = _standard_levels(model)
+    best = Chain([], [], INF)  # the lowest state visited, whatever its sign: the paper has no empty chain
     lowest = INF
 
     def record(start, ks, energy):
@@ -553,13 +599,19 @@ def solve_paper(model: EnergyModel, combined_signal: np.ndarray) -> Chain:
         ks = expanded
 
 
+def _rescored(model: EnergyModel, chain: Chain) -> Chain:
+    """`chain` with its energy under `model` (the bounded energy every solver is compared on)."""
+    if not chain.levels:
+        return chain
+    return replace(chain, energy=model.chain_energy(chain.levels, chain.positions))
+
+
 def solve_order(model: EnergyModel, combined_signal: np.ndarray) -> Chain:
-    """Local maxima of Q̂ labelled consecutively, the lowest level chosen by Eq. 6 only."""
+    """Local maxima of Q̂ labelled consecutively, the lowest level chosen by Eq. 6 only (Algorithm 1's
+    first offset, in its search space)."""
     standard = _standard_levels(model)
     ks = _initial_positions(model, combined_signal)
     if len(ks) == 0:
         return Chain([], [], 0.0)
-    start, energy = _offset(model, ks, standard)
-    if not np.isfinite(energy):  # gaps outside the bounds: label them anyway, as the baseline would
-        energy = float("nan")
-    return Chain([int(v) for v in standard[start : start + len(ks)]], [int(k) for k in ks], energy)
+    start, _ = _offset(unbounded(model), ks, standard)
+    return _rescored(model, Chain([int(v) for v in standard[start : start + len(ks)]], [int(k) for k in ks], 0.0))
