@@ -30,6 +30,7 @@ from VertebraIDLib.engine.settings import EngineSettings
 from VertebraIDLib.evaluation.calibration import (
     calibration_summary,
     confidence_outcomes,
+    expected_calibration_error,
     reliability_figure,
 )
 from VertebraIDLib.evaluation.metrics import evaluate_case, summarize
@@ -67,7 +68,7 @@ def case_plan(seed: int, index: int) -> dict:
 def run_case(task: dict) -> dict:
     """Simulate one case and label it with every configuration; never raises."""
     plan, spacing = task["plan"], task["spacing_mm"]
-    record = {**plan, "error": None, "results": {}}
+    record = {**plan, "error": None, "results": {}, "temperature_hits": {}}
     try:
         t0 = time.perf_counter()
         case = simulate_case(plan["sim_seed"], spacing_mm=spacing, difficulty=plan["difficulty"])
@@ -94,6 +95,10 @@ def run_case(task: dict) -> dict:
                 "labels": [v.label for v in result.vertebrae],
                 "hits": confidence_outcomes(result.vertebrae, evaluation) if method in ("exact", "engine") else [],
             }
+        for temperature in task.get("temperatures", ()):  # the engine row's chain, confidences at another T
+            result = solve(prepared["engine"], EngineSettings(confidence_temperature=temperature))
+            evaluation = evaluate_case(result.vertebrae, case.truth, metric="spineweb", name=f"case{plan['index']}")
+            record["temperature_hits"][temperature] = confidence_outcomes(result.vertebrae, evaluation)
     except Exception:  # a benchmark reports failures instead of dying on the first
         record["error"] = traceback.format_exc()
     return record
@@ -104,6 +109,19 @@ def _cell(region) -> tuple[str, str]:
         return "-", "-"
     err = "-" if region.error_mean_mm is None else f"{region.error_mean_mm:.2f} ± {region.error_std_mm:.2f}"
     return err, f"{100 * region.id_rate:.1f}"
+
+
+def temperature_row(temperature: float, hits: list[tuple[float, bool]]) -> str:
+    """One table row: how confidences at this temperature separate right labels from wrong ones."""
+    confidence = np.array([c for c, _ in hits], float)
+    right = np.array([ok for _, ok in hits], bool)
+
+    def share(mask):
+        return f"{100 * mask.mean():.1f} %" if mask.size else "-"
+
+    sure = confidence >= 0.9
+    return (f"| {temperature:g} | {int(sure.sum())} | {share(right[sure])} | {share(confidence[~right] < 0.5)} | "
+            f"{share(confidence[right] < 0.5)} | {expected_calibration_error(hits):.3f} |")
 
 
 def energy_violations(records: list[dict]) -> dict[bool, list[tuple[int, float, float]]]:
@@ -163,6 +181,14 @@ def report(records: list[dict], args, wall_s: float) -> tuple[str, int]:
     for method in ("exact", "engine"):
         hits = [h for r in good for h in r["results"][f"{method}/1"]["hits"]]
         lines.append(f"- {PAPER_NAMES[method]}: {calibration_summary(hits)}")
+
+    if args.temperatures:
+        lines += ["", "### Confidence temperature (exact, engine defaults, λ on): the same chains, confidences at other T",
+                  "", "| T | labels >= 0.9 | share right | wrong labels flagged (< 0.5) | right labels flagged | "
+                  "expected calibration error |", "|---|---|---|---|---|---|"]
+        for temperature in args.temperatures:
+            hits = [h for r in good for h in r["temperature_hits"][temperature]]
+            lines.append(temperature_row(temperature, hits))
 
     violations = energy_violations(records)
     n_viol = len(violations[True]) + len(violations[False])
@@ -229,6 +255,17 @@ def case_json(records: list[dict]) -> list[dict]:
     return out
 
 
+def temperature_list(text: str) -> list[float]:
+    """'2,4,8' -> [2.0, 4.0, 8.0]; anything else is an argparse error in one sentence."""
+    try:
+        values = [float(t) for t in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(np.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list of temperatures above 0, such as 2,4,8")
+    return values
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Table 2 of Wang et al. 2021 on simulated activation maps.")
     parser.add_argument("--cases", type=int, default=200, help="number of simulated cases (default: %(default)s)")
@@ -236,13 +273,16 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="processes, at most 2 (default: %(default)s)")
     parser.add_argument("--spacing", type=float, default=2.0, help="map spacing in mm (default: %(default)s)")
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
+    parser.add_argument("--temperatures", type=temperature_list, default=[],
+                        help="also report the engine row's confidences at these temperatures (comma-separated)")
     parser.add_argument("--cases-json", type=Path, help="write per-case results (labels, energies) here")
     args = parser.parse_args(argv)
     if args.cases < 1:
         parser.error("--cases must be at least 1")
     args.workers = max(1, min(args.workers, 2))
 
-    tasks = [{"plan": case_plan(args.seed, i), "spacing_mm": args.spacing} for i in range(args.cases)]
+    tasks = [{"plan": case_plan(args.seed, i), "spacing_mm": args.spacing, "temperatures": args.temperatures}
+             for i in range(args.cases)]
     start = time.perf_counter()
     records = []
     if args.workers == 1:
