@@ -135,7 +135,8 @@ def test_detect_runs_in_the_background_and_fills_the_correction_table(harness):
 
 
 def test_the_correction_panel_corrects(harness):
-    assert harness["jumped"] == [["JumpSlicesToNthPointInMarkup", [0, True]]]  # (list id, point, centred)
+    # clicking the first row centres the views on that row's point (list id, point, centred)
+    assert harness["jumped"] == [["JumpSlicesToNthPointInMarkup", [harness["first_row_point"], True]]]
     label, wanted = harness["label_from_table"]
     assert label == wanted and harness["locked_from_table"]
     labels, truth = harness["labels_after_relabel"]

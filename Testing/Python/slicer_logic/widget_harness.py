@@ -388,8 +388,8 @@ def main() -> None:
     tempfile.tempdir = tempfile.mkdtemp()  # jobs' folders here: tests running beside this one make their own
     install_qt()
     install_scripted_module()
-    from VertebraIDLib.slicer import mrml, requirements
     from VertebraIDLib.slicer import logic as VID
+    from VertebraIDLib.slicer import mrml, requirements
 
     context = mrml.SceneContext.create()
     markups, plots = install_application(context)
@@ -455,6 +455,7 @@ def main() -> None:
     # The table: jump to a row; name the middle vertebra right (the evidence had no labels) and lock it.
     ui.vertebraTable.emit("cellClicked(int,int)", 0, 1)
     RESULT["jumped"] = [[name, list(args[1:])] for name, args in markups.calls]
+    RESULT["first_row_point"] = widget._rows[0].index  # the table lists labels to check first
     middle = truth[len(truth) // 2]
     distances = [np.linalg.norm(row.position - middle.position) for row in widget._rows]
     row = int(np.argmin(distances))
