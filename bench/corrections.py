@@ -9,7 +9,8 @@ Logic.relabel calls). Simulated here: each round, the user corrects the most cra
 that is not identified, placing its true label at its true centre; the others are re-solved.
 A scan stops once all its vertebrae are identified. Cases: held-out phantoms (the seeds of
 `network_eval.py`) and the labelled real scans of `realct.py` (a scan detect refuses counts as
-nothing identified), each with the model's own engine settings. A Re-label the engine refuses
+nothing identified; a bone-only scan is read from its bone, as detect does), each with the model's
+own engine settings. A Re-label the engine refuses
 (it says so in one sentence, as Slicer shows it) leaves the labels as they were and is listed. For the real scans it also says where the first result went wrong:
 how many vertebrae got a point at all (any label, mutually nearest, <= 20 mm) and by how many
 levels those points' names are off.
@@ -26,6 +27,7 @@ from realct import real_cases
 from VertebraIDLib.engine.corrections import Constraint
 from VertebraIDLib.engine.pipeline import prepare, solve
 from VertebraIDLib.engine.settings import EngineSettings
+from VertebraIDLib.engine.skeleton import is_bone_only, locate_in_skeleton
 from VertebraIDLib.errors import VertebraIDError
 from VertebraIDLib.evaluation.metrics import (
     evaluate_case,
@@ -92,16 +94,22 @@ def main(argv=None) -> int:
 
     real_rounds, real_rows = [], []
     for case in real_cases():  # the scans of bench/realct.py
+        ct = read_image(case.image_path)
+        case_options = options
         try:
-            prepared = prepare(predict_evidence(read_image(case.image_path), model, "cpu"), options)
+            if is_bone_only(ct):  # as detect does: the skeleton's own bone, no network
+                result = locate_in_skeleton(ct)
+                prepared, case_options, automatic = result.prepared, result.prepared.settings, result.vertebrae
+            else:
+                prepared = prepare(predict_evidence(ct, model, "cpu"), options)
+                automatic = solve(prepared, options).vertebrae
         except VertebraIDError as exc:  # refused by detect: nothing to correct
             real_rounds.append([evaluate_case([], case.truth)] * (rounds + 1))
             real_rows.append(f"| {case.name} | {case.truth[0].label}..{case.truth[-1].label} | refused: {exc} | | |")
             print(real_rows[-1], flush=True)
             continue
-        automatic = solve(prepared, options).vertebrae
         refusals = []
-        evaluations = correction_rounds(prepared, case.truth, options, rounds, automatic, refusals)
+        evaluations = correction_rounds(prepared, case.truth, case_options, rounds, automatic, refusals)
         refused += [f"{case.name}, {r}" for r in refusals]
         real_rounds.append(evaluations)
         offsets = name_offsets(automatic, case.truth)

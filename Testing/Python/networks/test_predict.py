@@ -4,13 +4,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import REALCT
 from VertebraIDLib.cli import main
 from VertebraIDLib.engine.progress import Cancelled
 from VertebraIDLib.engine.volume import Volume
 from VertebraIDLib.errors import VertebraIDError
+from VertebraIDLib.io.images import read_image
 from VertebraIDLib.networks import bundle as net
 from VertebraIDLib.networks import heatmap as heatmap_net
-from VertebraIDLib.networks.predict import body_box, predict_heatmaps
+from VertebraIDLib.networks.predict import (
+    SKELETON_DESCRIPTION,
+    body_box,
+    detect,
+    predict_heatmaps,
+)
 from VertebraIDLib.networks.preprocess import preprocess, reduce_and_window
 from VertebraIDLib.synthetic.phantom import generate_phantom, write_phantom
 
@@ -106,6 +113,16 @@ def test_bad_inputs_give_one_sentence(tiny_model_path, phantom):
     if not torch.cuda.is_available():
         with pytest.raises(VertebraIDError, match="no CUDA GPU"):
             predict_heatmaps(ct, model, "cuda")
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_detect_names_a_bone_only_ct_from_its_bone_without_the_network(tiny_model_path, shared_data):
+    ct = read_image(REALCT / "ts_s0328_bone" / "ct.nrrd")  # a real skeleton: soft tissue set to 0
+    messages = []
+    result = detect(ct, net.load_model(tiny_model_path, "cpu"), progress=lambda f, m: messages.append(m))
+    assert result.prepared.description == SKELETON_DESCRIPTION and messages[0].startswith("A bone-only CT")
+    assert len(result.vertebrae) >= 5 and all(v.confidence < 0.5 for v in result.vertebrae)
 
 
 @pytest.mark.slow

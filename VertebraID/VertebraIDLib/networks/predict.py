@@ -29,16 +29,19 @@ from ..engine.corrections import Constraint
 from ..engine.evidence import Evidence, LevelEvidence, anatomy_from_ct
 from ..engine.progress import ProgressCallback, report, scaled
 from ..engine.settings import EngineSettings
+from ..engine.skeleton import is_bone_only, locate_in_skeleton
 from ..engine.volume import Volume
 from ..errors import VertebraIDError
 from .bundle import Model, resolve_device
 from .labeller import level_signals
-from .preprocess import preprocess
+from .preprocess import check_scan_geometry, preprocess
 
 #: Windowed intensity above which a voxel is the patient (≈ -175 HU with the usual window: fat and
 #: every tissue, not air), and the margin kept around the patient (voxels of the network's grid).
 BODY_LEVEL = 0.05
 BODY_MARGIN = 8
+SKELETON_DESCRIPTION = ("bone-only CT: vertebrae found in the bone and named by the ribs and the sacrum "
+                        "(no network; every label to be checked)")
 
 
 def body_box(array: np.ndarray, level: float = BODY_LEVEL, margin: int = BODY_MARGIN) -> tuple[slice, ...]:
@@ -154,10 +157,19 @@ def detect(
     """CT -> the model's evidence -> the engine -> labelled vertebrae (RAS).
 
     `settings` are the user's (method, transitional...); the model's own (its σ, α, floor,
-    centreline threshold, temperature) are applied over them. `constraints`: the user's fixed
+    centreline threshold, temperature) are applied over them. A bone-only CT (`engine.skeleton`) is
+    labelled from its bone without the network, every label flagged for checking. `constraints`: the user's fixed
     points (Re-label). `device` None: where the model is.
     """
     t0 = time.perf_counter()
+    check_scan_geometry(ct)
+    if is_bone_only(ct):  # no soft tissue for the network: the bone itself, every label flagged
+        report(progress, 0.0, "A bone-only CT: finding the vertebrae in the bone")
+        result = locate_in_skeleton(ct, settings, constraints)
+        result.prepared.description = SKELETON_DESCRIPTION
+        result.timings_s = {"skeleton": time.perf_counter() - t0, **result.timings_s}
+        report(progress, 1.0, "Done")
+        return result
     evidence = predict_evidence(ct, model, device, scaled(progress, 0.0, 0.8))
     network_s = time.perf_counter() - t0
     result = pipeline.locate(evidence, settings, constraints, progress=scaled(progress, 0.8, 1.0))

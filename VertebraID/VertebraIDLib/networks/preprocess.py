@@ -26,6 +26,19 @@ CT_MIN_LOW_FRACTION = 0.002
 
 def check_ct(ct: Volume) -> None:
     """One clear sentence for anything that is not a 3-D CT in Hounsfield units."""
+    check_scan_geometry(ct)
+    array = ct.array
+    sample = array[:: max(1, array.shape[0] // 64), :: max(1, array.shape[1] // 64), :: max(1, array.shape[2] // 64)]
+    low = float(np.mean(sample < CT_LOW_HU))
+    if low < CT_MIN_LOW_FRACTION or float(np.median(sample)) > 1500:
+        raise VertebraIDError(
+            "The image intensities do not look like CT Hounsfield units (no fat or air below -200 HU); "
+            "VertebraID needs a CT scan, not MRI or unscaled values."
+        )
+
+
+def check_scan_geometry(ct: Volume) -> None:
+    """One clear sentence for anything that is not a finite 3-D scan of a plausible size."""
     array = ct.array
     if array.ndim != 3:
         raise VertebraIDError(f"Expected a 3-D CT scan, got an image with {array.ndim} dimensions ({array.shape}).")
@@ -45,13 +58,6 @@ def check_ct(ct: Volume) -> None:
             f"(at most {MAX_EXTENT_MM:.0f} mm along an axis)."
         )
     check_finite(array, "The CT")
-    sample = array[:: max(1, array.shape[0] // 64), :: max(1, array.shape[1] // 64), :: max(1, array.shape[2] // 64)]
-    low = float(np.mean(sample < CT_LOW_HU))
-    if low < CT_MIN_LOW_FRACTION or float(np.median(sample)) > 1500:
-        raise VertebraIDError(
-            "The image intensities do not look like CT Hounsfield units (no fat or air below -200 HU); "
-            "VertebraID needs a CT scan, not MRI or unscaled values."
-        )
 
 
 def _block_average(ct: Volume, spacing_mm) -> Volume:
