@@ -48,6 +48,7 @@ CANAL_AREA_MM2 = (60.0, 600.0)
 CANAL_SIZE_MM = (8.0, 32.0)
 CANAL_FILL = 0.45
 MIDLINE_MM = 25.0
+MAX_CANDIDATES = 3000
 #: The cross-section in front of the canal where the bodies lie (mm anterior, mm to each side).
 BODY_U_MM = (5.0, 50.0)
 BODY_V_MM = 22.0
@@ -116,6 +117,8 @@ def canal_curve(candidates: np.ndarray, midline_x: float, step_mm: float = 2.0) 
     points = candidates[np.abs(candidates[:, 0] - midline_x) < MIDLINE_MM]
     if len(points) < 6:
         return None
+    if len(points) > MAX_CANDIDATES:  # the support below compares every pair: keep it bounded
+        points = points[np.linspace(0, len(points) - 1, MAX_CANDIDATES).astype(int)]
     # support: candidates within a cone of each other along the body axis (a tube, not scattered holes)
     dz = np.abs(points[:, None, 2] - points[None, :, 2])
     dxy = np.hypot(points[:, None, 0] - points[None, :, 0], points[:, None, 1] - points[None, :, 1])
