@@ -145,6 +145,23 @@ def test_fixed_points_closer_than_a_models_tighter_gap_bound_still_relabel():
     assert np.allclose(next(v for v in result.vertebrae if v.label == "T7").position, t7)
 
 
+def test_fixed_points_past_the_end_of_the_maps_extend_the_traced_spine():
+    # The maps stop at T11 (a detector that missed the rest); the user places T12 and L1 below it.
+    case = simulate_case(21, spacing_mm=3.0, difficulty="clean", levels=("T3", "T11"))
+    prepared = prepare(case.heatmaps)
+    at = {v.label: np.asarray(v.position, float) for v in case.truth}
+    step = at["T11"] - at["T10"]
+    below = {"T12": at["T11"] + step, "L1": at["T11"] + 2.1 * step}
+    result = solve(prepared, constraints=[Constraint(name, position) for name, position in below.items()])
+    named = {v.label: v for v in result.vertebrae}
+    for name, position in below.items():
+        assert named[name].locked
+        np.testing.assert_allclose(named[name].position, position)
+    assert evaluate_case(result.vertebrae, case.truth).all_correct
+    assert len(result.centerline) > len(prepared.centerline)
+    assert len(result.rectified.signals) == len(result.centerline)
+
+
 def test_a_fixed_point_far_from_the_spine_is_refused_with_one_sentence():
     case = simulate_case(4, spacing_mm=3.0, difficulty="clean", levels=("T2", "T10"))
     t5 = next(v for v in case.truth if v.label == "T5").position

@@ -367,6 +367,24 @@ def test_relabel_rules_for_moved_added_deleted_and_foreign_points(scene_with_ct)
     assert [t[0] for t in point_table(points)] == ["T8"] + [t[0] for t in before[1:]]
 
 
+def test_relabel_with_vertebrae_placed_past_the_end_of_the_detected_spine(scene_with_ct):
+    # The detector found T3..L2; the user places L3 and L4 below the last point and re-labels.
+    context, ct_node, truth = scene_with_ct
+    logic = VID.VertebraIDLogic(context)
+    found, placed = truth[:-2], truth[-2:]
+    run = logic.detect(ct_node, VID.PointsHeatmapSource([v.position for v in found], [{v.label: 1.0} for v in found]))
+    points = run.nodes[mrml.ROLE_POINTS]
+    assert [t[0] for t in point_table(points)] == [v.label for v in found]
+    for v in placed:
+        points.AddControlPoint(vtk.vtkVector3d(*v.position), v.label)
+    logic.relabel(points)
+    table = point_table(points)
+    assert [t[0] for t in table] == [v.label for v in truth]
+    for row, v in zip(table[-2:], placed):
+        np.testing.assert_allclose(row[1], v.position)
+        assert row[2]  # the user's points stay locked
+
+
 @pytest.mark.slow
 def test_relabel_after_reloading_the_scene_bundle(scene_with_ct, tmp_path):
     """Re-label needs no memory of Detect: the saved maps rebuild the signals."""

@@ -165,6 +165,7 @@ def solve(
         settings = settings.updated(transitional=True)
     labels = settings.labels
     check_constraint_labels(constraints, labels)
+    prepared = reaching_fixed_points(prepared, constraints)
     timings: dict[str, float] = {}
     rect = prepared.rectified
     if rect is None:
@@ -217,6 +218,55 @@ def solve(
     timings.setdefault("optimize", time.perf_counter() - t0)
     report(progress, 1.0, "Done")
     return Result(vertebrae, settings.method, energy, prepared, timings)
+
+
+#: Fixed points up to this far (mm) past an end of the traced spine extend it; farther ones are refused
+#: (a point from another scan). Past the last fixed point the extension leaves this much room.
+FIXED_POINT_REACH_MM = 180.0
+EXTENSION_MARGIN_MM = 10.0
+
+
+def reaching_fixed_points(prepared: Prepared, constraints: list[Constraint]) -> Prepared:
+    """`prepared` with its centreline run on straight past either end to the user's fixed points beyond it.
+
+    The traced spine ends where the evidence does (a detector that missed L5 and S1, a skeleton
+    whose last disc was not seen); a user who places the missing vertebrae must be able to fix them
+    there. The new samples hold no evidence (maps 0, ribs and sacrum unseen), so only the fixed points
+    and the spacing prior place vertebrae on them.
+    """
+    line, rect = prepared.centerline, prepared.rectified
+    if line is None or rect is None or not constraints:
+        return prepared
+    points = np.array([c.position for c in constraints], float)
+    step = line.step_mm
+    counts = []
+    for beyond in ((line.points[0] - points) @ line.e3[0], (points - line.points[-1]) @ line.e3[-1]):
+        reach = float(np.max(np.where(beyond <= FIXED_POINT_REACH_MM, beyond, 0.0)))
+        counts.append(int(np.ceil((reach + EXTENSION_MARGIN_MM) / step)) if reach > 0.5 * step else 0)
+    before, after = counts
+    if before == after == 0:
+        return prepared
+    head = line.points[0] - np.outer(np.arange(before, 0, -1) * step, line.e3[0])
+    tail = line.points[-1] + np.outer(np.arange(1, after + 1) * step, line.e3[-1])
+
+    def pad(array, value=0.0, axis=0):
+        width = [(0, 0)] * np.ndim(array)
+        width[axis] = (before, after)
+        if value is None:  # the end's own value (frames, distances)
+            return np.pad(np.asarray(array), width, mode="edge")
+        return np.pad(np.asarray(array), width, constant_values=value)
+
+    extended = Centerline(np.concatenate([head, line.points, tail]), pad(line.e1, None), pad(line.e2, None),
+                          pad(line.e3, None), step, pad(line.supported, False))
+    marks = rect.landmarks
+    if marks is not None:
+        marks = Landmarks(pad(marks.rib, 0.5), pad(marks.sacrum, 0.5), pad(marks.rib_visible), pad(marks.sacrum_visible),
+                          pad(marks.canal_offset_mm, None), seconds=marks.seconds)
+    longer = replace(rect, grid=replace(rect.grid, centerline=extended),
+                     maps_grid=replace(rect.maps_grid, centerline=extended), maps=pad(rect.maps, axis=2),
+                     combined=pad(rect.combined, axis=2), signals=pad(rect.signals), combined_signal=pad(rect.combined_signal),
+                     level_signals=None if rect.level_signals is None else pad(rect.level_signals), landmarks=marks)
+    return replace(prepared, centerline=extended, rectified=longer)
 
 
 def locate(

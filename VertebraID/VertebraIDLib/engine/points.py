@@ -206,7 +206,8 @@ def label_points(
 
     A chain vertebra takes the nearest input point within `match_mm` (each point at most once,
     closest pairs first); points left over are rejected. Chain vertebrae with no point are the
-    optimiser's inference of a missed vertebra, kept when `include_inferred`.
+    optimiser's inference of a missed vertebra, kept when `include_inferred`; a user's fixed point
+    (`constraints`) that no input point marks is always kept, where the user put it.
     """
     positions = _check_positions(positions_ras)
     if len(positions) == 0:
@@ -231,9 +232,12 @@ def label_points(
             taken_points.add(int(j))
             v = chain[i]
             labelled.append(Vertebra(v.label, positions[j], v.confidence, source_index=int(j), locked=v.locked))
-    if include_inferred:
-        for i, v in enumerate(chain):
-            if i not in taken_chain:
-                labelled.append(Vertebra(v.label, v.position, v.confidence, source_index=None, extra={"inferred": True}))
+    for i, v in enumerate(chain):
+        if i in taken_chain:
+            continue
+        if v.locked:  # a user's fixed point that no input point marks: kept where the user put it
+            labelled.append(Vertebra(v.label, v.position, v.confidence, source_index=None, locked=True))
+        elif include_inferred:
+            labelled.append(Vertebra(v.label, v.position, v.confidence, source_index=None, extra={"inferred": True}))
     rejected = sorted(set(range(len(positions))) - taken_points)
     return PointLabelling(result, sort_by_level(labelled), rejected)
