@@ -7,10 +7,14 @@ alae bridging the column to two broad iliac plates.
 """
 import numpy as np
 import pytest
-
 from VertebraIDLib.engine.anatomy import LabelSet
 from VertebraIDLib.engine.centerline import polyline_centerline
-from VertebraIDLib.engine.landmarks import Landmarks, level_log_likelihood, spine_landmarks
+from VertebraIDLib.engine.landmarks import (
+    Landmarks,
+    anchor_in_view,
+    level_log_likelihood,
+    spine_landmarks,
+)
 from VertebraIDLib.engine.volume import Volume
 
 VOX = 2.0
@@ -183,3 +187,34 @@ def test_what_the_landmarks_say_of_each_level():
     unseen = Landmarks(np.array([0.5]), np.array([0.5]), np.zeros(1), np.zeros(1), np.zeros(1))
     np.testing.assert_allclose(level_log_likelihood(unseen, levels), 0.0, atol=1e-12)
     assert Landmarks.from_dict(sacrum.to_dict()).sacrum[0] == pytest.approx(0.95)
+
+
+def _marks(rib, rib_seen, sacrum=None, sacrum_seen=None):
+    n = len(rib)
+    sacrum = np.full(n, 0.04) if sacrum is None else np.asarray(sacrum, float)
+    sacrum_seen = np.ones(n) if sacrum_seen is None else np.asarray(sacrum_seen, float)
+    return Landmarks(np.asarray(rib, float), sacrum, np.asarray(rib_seen, float), sacrum_seen, np.zeros(n))
+
+
+def test_an_anchor_is_the_end_of_the_ribs_or_the_top_of_the_sacrum_seen_in_full():
+    ribs_then_none = [0.96] * 10 + [0.5] * 3 + [0.04] * 10  # lowest rib pair in view (4 mm samples)
+    assert anchor_in_view(_marks(ribs_then_none, np.ones(23)), 4.0)
+    assert anchor_in_view(_marks(ribs_then_none[::-1], np.ones(23)), 4.0)  # the first rib pair
+    assert not anchor_in_view(_marks([0.96] * 23, np.ones(23)), 4.0)  # mid-thorax: ribs all along
+    hidden = np.r_[np.ones(11), np.zeros(2), np.ones(10)]  # the change itself not seen
+    assert not anchor_in_view(_marks(ribs_then_none, hidden), 4.0)
+    slow = [0.96] * 5 + list(np.linspace(0.9, 0.1, 40)) + [0.04] * 5  # 0.7 to 0.3 over 80 mm: no single end
+    assert not anchor_in_view(_marks(slow, np.ones(50)), 4.0)
+    sacrum_top = [0.04] * 10 + [0.96] * 10
+    assert anchor_in_view(_marks([0.04] * 20, np.ones(20), sacrum_top), 4.0)
+    assert not anchor_in_view(_marks([0.04] * 20, np.ones(20), sacrum_top[::-1]), 4.0)  # not a sacrum's top
+    assert not anchor_in_view(_marks([0.5] * 20, np.zeros(20), [0.5] * 20, np.zeros(20)), 4.0)  # nothing seen
+
+
+def test_the_synthetic_column_shows_its_lowest_rib_and_a_narrow_slab_does_not():
+    ct, centres = make_phantom(n_rib=3, n_tp=2, n_sac=0)
+    line = line_through(centres)
+    assert anchor_in_view(spine_landmarks(ct, line), line.step_mm)
+    ct, centres = make_phantom(n_rib=3, n_tp=2, n_sac=0, lateral_fov=40.0)
+    line = line_through(centres)
+    assert not anchor_in_view(spine_landmarks(ct, line), line.step_mm)

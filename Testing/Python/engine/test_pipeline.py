@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from VertebraIDLib.engine.anatomy import LEVELS_26
 from VertebraIDLib.engine.corrections import Constraint
-from VertebraIDLib.engine.pipeline import locate, prepare, solve
+from VertebraIDLib.engine.evidence import Evidence
+from VertebraIDLib.engine.landmarks import Landmarks
+from VertebraIDLib.engine.pipeline import UNANCHORED_REASON, locate, prepare, solve
 from VertebraIDLib.engine.progress import Cancelled
 from VertebraIDLib.engine.settings import EngineSettings
 from VertebraIDLib.engine.volume import Volume
@@ -160,6 +162,33 @@ def test_fixed_points_past_the_end_of_the_maps_extend_the_traced_spine():
     assert evaluate_case(result.vertebrae, case.truth).all_correct
     assert len(result.centerline) > len(prepared.centerline)
     assert len(result.rectified.signals) == len(result.centerline)
+
+
+def test_a_read_ct_with_nothing_to_count_from_flags_every_label():
+    # Clean maps of T3..T11 (confident labels), with the CT's anatomy read along the spine: ribs all
+    # along (mid-thorax, neither rib end in view) flags every label; the lowest rib pair in view does not;
+    # a user's fixed point anchors the chain itself.
+    case = simulate_case(21, spacing_mm=3.0, difficulty="clean", levels=("T3", "T11"))
+
+    def ribs(ending):
+        def read(line):
+            n = len(line)
+            rib = np.full(n, 0.96)
+            if ending:
+                rib[int(0.8 * n):] = 0.04
+            return Landmarks(rib, np.full(n, 0.04), np.ones(n), np.ones(n), np.zeros(n))
+        return read
+
+    plain = locate(case.heatmaps)
+    assert max(v.confidence for v in plain.vertebrae) > 0.9
+    unanchored = locate(Evidence(case.heatmaps, anatomy=ribs(False)))
+    assert unanchored.vertebrae
+    assert all(v.needs_check and v.extra["flagged"] == UNANCHORED_REASON for v in unanchored.vertebrae)
+    anchored = locate(Evidence(case.heatmaps, anatomy=ribs(True)))
+    assert not any("flagged" in v.extra for v in anchored.vertebrae)
+    t7 = next(v for v in case.truth if v.label == "T7")
+    fixed = locate(Evidence(case.heatmaps, anatomy=ribs(False)), constraints=[Constraint("T7", t7.position)])
+    assert not any("flagged" in v.extra for v in fixed.vertebrae)
 
 
 def test_a_fixed_point_far_from_the_spine_is_refused_with_one_sentence():

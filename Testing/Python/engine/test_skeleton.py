@@ -4,12 +4,8 @@ import numpy as np
 import pytest
 from conftest import REALCT
 from test_landmarks import make_phantom
-from VertebraIDLib.engine.skeleton import (
-    CONFIDENCE_CAP,
-    is_bone_only,
-    locate_in_skeleton,
-)
-from VertebraIDLib.engine.vertebrae import Vertebra
+from VertebraIDLib.engine.skeleton import is_bone_only, locate_in_skeleton
+from VertebraIDLib.engine.vertebrae import FLAGGED_CONFIDENCE, Vertebra
 from VertebraIDLib.engine.volume import Volume
 from VertebraIDLib.errors import VertebraIDError
 from VertebraIDLib.evaluation.metrics import evaluate_case
@@ -47,7 +43,7 @@ def test_the_vertebrae_of_a_skeleton_are_found_and_named_by_its_ribs(column):
              zip(["T9", "T10", "T11", "T12", "L1", "L2", "L3", "L4", "L5"], centres)]
     evaluation = evaluate_case(result.vertebrae, truth, metric="spineweb")
     assert evaluation.num_identified == len(truth), [(v.label, v.position.round()) for v in result.vertebrae]
-    assert all(v.confidence <= CONFIDENCE_CAP for v in result.vertebrae)  # every label flagged for checking
+    assert all(v.confidence <= FLAGGED_CONFIDENCE for v in result.vertebrae)  # every label flagged for checking
 
 
 def test_a_skeleton_without_a_spine_gets_one_sentence(column):
@@ -68,4 +64,4 @@ def test_a_real_skeleton_is_named_with_every_label_flagged(shared_data):
     evaluation = evaluate_case(result.vertebrae, case.truth, metric="spineweb")
     # T10 is a sliver at the scan's top; T11..L5 are named by the ribs of T11 and T12 and the empty discs
     assert evaluation.num_identified >= 6, [(v.label, v.position.round()) for v in result.vertebrae]
-    assert all(v.confidence <= CONFIDENCE_CAP for v in result.vertebrae)
+    assert all(v.confidence <= FLAGGED_CONFIDENCE for v in result.vertebrae)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ import spine_scene
 import vtk  # noqa: E402
 from conftest import MODULE_FILE, REPO
 from spine_scene import nearest_index, node_ids, sh_item_count
+from VertebraIDLib.engine import pipeline
 from VertebraIDLib.engine.anatomy import LEVELS_26
 from VertebraIDLib.engine.evidence import Evidence
 from VertebraIDLib.engine.pipeline import locate
@@ -365,6 +367,17 @@ def test_relabel_rules_for_moved_added_deleted_and_foreign_points(scene_with_ct)
     with pytest.raises(VertebraIDError, match="Several fixed points are labelled T8"):
         logic.relabel(points)
     assert [t[0] for t in point_table(points)] == ["T8"] + [t[0] for t in before[1:]]
+
+
+def test_the_status_line_gives_each_reason_to_check_once():
+    reason = pipeline.UNANCHORED_REASON
+    found = [Vertebra(label, [0.0, 0.0, -30.0 * i], 0.3, extra={"flagged": reason})
+             for i, label in enumerate(("T5", "T6", "T7"))]
+    found.append(Vertebra("T8", [0.0, 0.0, -120.0], 0.95))
+    run = VID.DetectRun(0, {}, SimpleNamespace(vertebrae=found), "bundled model", {"network": 1.0})
+    assert run.to_check == [("T5", reason), ("T6", reason), ("T7", reason)]
+    text = run.summary()
+    assert text.count(reason) == 1 and f"check T5 T6 T7 ({reason})" in text and "T8 (" not in text
 
 
 def test_relabel_with_vertebrae_placed_past_the_end_of_the_detected_spine(scene_with_ct):

@@ -27,7 +27,7 @@ from .corrections import (
     pin_constraints,
 )
 from .evidence import Evidence, checked_landmarks, checked_level_signals
-from .landmarks import Landmarks, level_log_likelihood
+from .landmarks import Landmarks, anchor_in_view, level_log_likelihood
 from .progress import ProgressCallback, report
 from .rectify import Rectified, rectify
 from .settings import EngineSettings
@@ -212,6 +212,8 @@ def solve(
             timings["confidence"] = time.perf_counter() - t1
         t1 = time.perf_counter()
         vertebrae = chain_to_vertebrae(rect, chain, labels, confidences)
+        if confidences is not None and not constraints and not _names_anchored(rect):
+            vertebrae = [v.flagged(UNANCHORED_REASON) for v in vertebrae]
         pin_constraints(vertebrae, constraints)
         timings["to_3d"] = time.perf_counter() - t1
         energy = chain.energy
@@ -267,6 +269,16 @@ def reaching_fixed_points(prepared: Prepared, constraints: list[Constraint]) -> 
                      combined=pad(rect.combined, axis=2), signals=pad(rect.signals), combined_signal=pad(rect.combined_signal),
                      level_signals=None if rect.level_signals is None else pad(rect.level_signals), landmarks=marks)
     return replace(prepared, centerline=extended, rectified=longer)
+
+
+#: Why a chain's labels are flagged when the CT was read but shows nothing to count the levels from.
+UNANCHORED_REASON = "no first or lowest rib and no sacrum in view to count from"
+
+
+def _names_anchored(rect: Rectified) -> bool:
+    """False where the CT was read (ribs, sacrum) and shows neither a rib-bearing end nor the sacrum's top:
+    the names then rest on the networks alone. True without a CT (maps or points: nothing to say)."""
+    return rect.landmarks is None or anchor_in_view(rect.landmarks, rect.step_mm)
 
 
 def locate(

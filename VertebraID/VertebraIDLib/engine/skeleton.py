@@ -22,8 +22,6 @@ confidence is capped below 0.5).
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 from scipy import ndimage, signal
 
@@ -40,8 +38,8 @@ BONE_HU = 100.0
 #: A skeleton: this share of the voxels holds the background value, the rest is bone and fills little.
 MIN_BACKGROUND_SHARE = 0.5
 MAX_BONE_SHARE = 0.15
-#: Confidence given to every label of a skeleton at most (below the "check it" threshold, 0.5).
-CONFIDENCE_CAP = 0.49
+#: Why every label of a skeleton is flagged (its confidence capped, `Vertebra.flagged`).
+SKELETON_REASON = "read from a bone-only CT"
 
 #: Holes that can be a spinal canal: area (mm^2), width and height (mm), and how full their box is.
 CANAL_AREA_MM2 = (60.0, 600.0)
@@ -211,8 +209,7 @@ def locate_in_skeleton(ct: Volume, settings: EngineSettings = EngineSettings(),
     marks = landmarks.spine_landmarks(ct, line)
     probabilities = region_probabilities(marks, line.project(centres))
     labelling = label_points(centres, probabilities, settings, constraints, include_inferred=False)
-    flagged = [replace(v, confidence=min(v.confidence, CONFIDENCE_CAP) if v.confidence is not None else None)
-               for v in labelling.vertebrae]
+    flagged = [v if v.locked else v.flagged(SKELETON_REASON) for v in labelling.vertebrae]
     result = labelling.result
     result.vertebrae = flagged
     return result

@@ -9,6 +9,9 @@ from .anatomy import LABEL_IDS, LabelSet, region
 
 #: Below this confidence a label is more likely wrong than right: shown as one to check.
 CHECK_BELOW_CONFIDENCE = 0.5
+#: The most a label may claim when its names cannot be checked against the anatomy (a skeleton read
+#: from its bone, a crop without a first or lowest rib or the sacrum): it stays one to check.
+FLAGGED_CONFIDENCE = 0.49
 
 
 @dataclass
@@ -37,6 +40,12 @@ class Vertebra:
     def needs_check(self) -> bool:
         """A solver's label that is more likely wrong than right (a user's fixed point never is)."""
         return not self.locked and self.confidence < CHECK_BELOW_CONFIDENCE
+
+    def flagged(self, reason: str) -> "Vertebra":
+        """This vertebra with its confidence capped below the check threshold, and why (`extra["flagged"]`)."""
+        confidence = None if self.confidence is None else min(float(self.confidence), FLAGGED_CONFIDENCE)
+        return Vertebra(self.label, self.position, confidence, self.source_index, self.locked,
+                        {**self.extra, "flagged": reason})
 
     @property
     def confidence_text(self) -> str:

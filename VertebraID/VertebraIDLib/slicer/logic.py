@@ -91,7 +91,8 @@ class DetectRun:
     @property
     def to_check(self) -> list[tuple[str, str]]:
         """(label, reason) of every label more likely wrong than right."""
-        return [(v.label, review.check_reason(v.label)) for v in self.result.vertebrae if v.needs_check]
+        return [(v.label, v.extra.get("flagged") or review.check_reason(v.label))
+                for v in self.result.vertebrae if v.needs_check]
 
     def summary(self) -> str:
         """One line for the status bar: what was found, from what, and what to check."""
@@ -100,7 +101,10 @@ class DetectRun:
         noun = "vertebra" if len(found) == 1 else "vertebrae"
         text = f"Found {len(found)} {noun}{span} in {sum(self.timings_s.values()):.1f} s from the {self.evidence}"
         if self.to_check:
-            listed = ", ".join(f"{label} ({reason})" for label, reason in self.to_check)
+            by_reason: dict[str, list[str]] = {}
+            for label, reason in self.to_check:
+                by_reason.setdefault(reason, []).append(label)
+            listed = ", ".join(f"{' '.join(labels)} ({reason})" for reason, labels in by_reason.items())
             text += f"; check {listed}: confidence below {CHECK_BELOW_CONFIDENCE:g}, shown red and first in the table"
         return text + "."
 
