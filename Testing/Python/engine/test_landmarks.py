@@ -12,6 +12,7 @@ from VertebraIDLib.engine.centerline import polyline_centerline
 from VertebraIDLib.engine.landmarks import (
     Landmarks,
     anchor_in_view,
+    contradiction,
     level_log_likelihood,
     spine_landmarks,
 )
@@ -218,3 +219,17 @@ def test_the_synthetic_column_shows_its_lowest_rib_and_a_narrow_slab_does_not():
     ct, centres = make_phantom(n_rib=3, n_tp=2, n_sac=0, lateral_fov=40.0)
     line = line_through(centres)
     assert not anchor_in_view(spine_landmarks(ct, line), line.step_mm)
+
+
+def test_names_that_contradict_the_ribs_or_the_sacrum_seen_say_what_to_check():
+    ribs_then_sacrum = _marks([0.96, 0.96, 0.04, 0.04, 0.04], np.ones(5), [0.04, 0.04, 0.04, 0.04, 0.95])
+    assert contradiction(ribs_then_sacrum, [0, 1, 2, 3, 4], ["T11", "T12", "L1", "L2", "S1"]) == ""
+    shifted_up = contradiction(ribs_then_sacrum, [0, 1, 2, 3, 4], ["T10", "T11", "T12", "L1", "L2"])
+    assert shifted_up == "T12 has no rib on the CT: check the lowest rib"
+    shifted_down = contradiction(ribs_then_sacrum, [0, 1, 2, 3, 4], ["T12", "L1", "L2", "L3", "L4"])
+    assert shifted_down == "L1 carries a rib on the CT: check the lowest rib"
+    assert contradiction(ribs_then_sacrum, [2, 3, 4], ["L2", "L3", "L4"]) == "L4 lies on the sacrum on the CT: check the sacrum"
+    assert contradiction(ribs_then_sacrum, [2, 3], ["L5", "S1"]) == "S1 is not on the sacrum on the CT: check the sacrum"
+    assert contradiction(ribs_then_sacrum, [2], ["T1"]) == ""  # T1's rib is read poorly: no verdict
+    unseen = _marks([0.96, 0.04], np.zeros(2))
+    assert contradiction(unseen, [0, 1], ["L1", "T12"]) == ""

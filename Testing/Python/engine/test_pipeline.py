@@ -164,30 +164,31 @@ def test_fixed_points_past_the_end_of_the_maps_extend_the_traced_spine():
     assert len(result.rectified.signals) == len(result.centerline)
 
 
-def test_a_read_ct_with_nothing_to_count_from_flags_every_label():
+def test_a_read_ct_that_gives_nothing_to_count_from_or_contradicts_the_names_flags_every_label():
     # Clean maps of T3..T11 (confident labels), with the CT's anatomy read along the spine: ribs all
-    # along (mid-thorax, neither rib end in view) flags every label; the lowest rib pair in view does not;
-    # a user's fixed point anchors the chain itself.
+    # along (mid-thorax, neither rib end in view) flags every label; the lowest rib pair in view where
+    # the names put T12 does not, one on T8 does (a shifted chain); a user's fixed point anchors the chain.
     case = simulate_case(21, spacing_mm=3.0, difficulty="clean", levels=("T3", "T11"))
+    at = {v.label: v.position for v in case.truth}
 
-    def ribs(ending):
+    def ribs(last_rib_bearing):
         def read(line):
             n = len(line)
             rib = np.full(n, 0.96)
-            if ending:
-                rib[int(0.8 * n):] = 0.04
+            if last_rib_bearing:
+                rib[int(np.ceil(line.project(at[last_rib_bearing])[0] + 10.0 / line.step_mm)):] = 0.04
             return Landmarks(rib, np.full(n, 0.04), np.ones(n), np.ones(n), np.zeros(n))
         return read
 
-    plain = locate(case.heatmaps)
-    assert max(v.confidence for v in plain.vertebrae) > 0.9
-    unanchored = locate(Evidence(case.heatmaps, anatomy=ribs(False)))
+    assert max(v.confidence for v in locate(case.heatmaps).vertebrae) > 0.9
+    unanchored = locate(Evidence(case.heatmaps, anatomy=ribs(None)))
     assert unanchored.vertebrae
     assert all(v.needs_check and v.extra["flagged"] == UNANCHORED_REASON for v in unanchored.vertebrae)
-    anchored = locate(Evidence(case.heatmaps, anatomy=ribs(True)))
-    assert not any("flagged" in v.extra for v in anchored.vertebrae)
-    t7 = next(v for v in case.truth if v.label == "T7")
-    fixed = locate(Evidence(case.heatmaps, anatomy=ribs(False)), constraints=[Constraint("T7", t7.position)])
+    anchored = locate(Evidence(case.heatmaps, anatomy=ribs("T11")))
+    assert anchored.vertebrae and not any("flagged" in v.extra for v in anchored.vertebrae)
+    contradicted = locate(Evidence(case.heatmaps, anatomy=ribs("T8")))
+    assert all(v.needs_check and "check the lowest rib" in v.extra["flagged"] for v in contradicted.vertebrae)
+    fixed = locate(Evidence(case.heatmaps, anatomy=ribs(None)), constraints=[Constraint("T7", at["T7"])])
     assert not any("flagged" in v.extra for v in fixed.vertebrae)
 
 

@@ -732,3 +732,39 @@ def level_log_likelihood(marks: Landmarks, levels) -> np.ndarray:
             q = _level_probability(table, name)
             out[:, j] += np.log(2.0 * (p * q + (1.0 - p) * (1.0 - q)))
     return out
+
+
+#: Levels whose names the bone reading can contradict (validated on real scans, bench/landmarks.py):
+#: a rib missing on T3..T12 (T1 and T2 are read poorly: their ribs curve forward at once), a rib or the
+#: sacrum on a lumbar vertebra, no sacrum under S1.
+NEEDS_RIB = tuple(f"T{i}" for i in range(3, 13))
+NO_RIB = ("L1", "L2", "L3", "L4", "L5")
+NO_SACRUM = ("L1", "L2", "L3", "L4")
+NEEDS_SACRUM = ("S1", "S2")
+#: The reading contradicts a name when it is below this where the level must show it, or above 1 - it
+#: where the level must not.
+CONTRADICTS_BELOW = 0.2
+
+
+def contradiction(marks: Landmarks, samples, names) -> str:
+    """What to check when a chain's names contradict the ribs or the sacrum seen on the CT, or ''.
+
+    `samples`: each named vertebra's (fractional) sample along the centreline the marks were read on.
+    No rib seen on a T11, a rib on an L1, the sacrum under an L4, none under an S1: the whole chain is
+    likely shifted, so it is checked at that landmark. Where the reading was not seen it says nothing.
+    """
+    k = np.clip(np.round(np.asarray(samples, float)).astype(int), 0, len(marks) - 1)
+    low, high = CONTRADICTS_BELOW, 1.0 - CONTRADICTS_BELOW
+    for i, name in zip(k, names):
+        rib, sacrum = marks.rib[i], marks.sacrum[i]
+        if marks.rib_visible[i] > 0.5:
+            if name in NEEDS_RIB and rib < low:
+                return f"{name} has no rib on the CT: check the lowest rib"
+            if name in NO_RIB and rib > high:
+                return f"{name} carries a rib on the CT: check the lowest rib"
+        if marks.sacrum_visible[i] > 0.5:
+            if name in NO_SACRUM and sacrum > high:
+                return f"{name} lies on the sacrum on the CT: check the sacrum"
+            if name in NEEDS_SACRUM and sacrum < low:
+                return f"{name} is not on the sacrum on the CT: check the sacrum"
+    return ""

@@ -27,7 +27,7 @@ from .corrections import (
     pin_constraints,
 )
 from .evidence import Evidence, checked_landmarks, checked_level_signals
-from .landmarks import Landmarks, anchor_in_view, level_log_likelihood
+from .landmarks import Landmarks, anchor_in_view, contradiction, level_log_likelihood
 from .progress import ProgressCallback, report
 from .rectify import Rectified, rectify
 from .settings import EngineSettings
@@ -212,8 +212,10 @@ def solve(
             timings["confidence"] = time.perf_counter() - t1
         t1 = time.perf_counter()
         vertebrae = chain_to_vertebrae(rect, chain, labels, confidences)
-        if confidences is not None and not constraints and not _names_anchored(rect):
-            vertebrae = [v.flagged(UNANCHORED_REASON) for v in vertebrae]
+        if confidences is not None and not constraints:
+            doubt = _reason_to_doubt(rect, chain, labels)
+            if doubt:
+                vertebrae = [v.flagged(doubt) for v in vertebrae]
         pin_constraints(vertebrae, constraints)
         timings["to_3d"] = time.perf_counter() - t1
         energy = chain.energy
@@ -275,10 +277,17 @@ def reaching_fixed_points(prepared: Prepared, constraints: list[Constraint]) -> 
 UNANCHORED_REASON = "no first or lowest rib and no sacrum in view to count from"
 
 
-def _names_anchored(rect: Rectified) -> bool:
-    """False where the CT was read (ribs, sacrum) and shows neither a rib-bearing end nor the sacrum's top:
-    the names then rest on the networks alone. True without a CT (maps or points: nothing to say)."""
-    return rect.landmarks is None or anchor_in_view(rect.landmarks, rect.step_mm)
+def _reason_to_doubt(rect: Rectified, chain: opt.Chain, labels) -> str:
+    """Why a whole chain's names are in doubt whatever its energy says, or '' (also without a CT read):
+    the CT shows nothing to count the levels from (no rib end, no sacrum top: a chain's own C1 or C2
+    is no anchor, its names are what is in doubt), or a name contradicts the ribs or the sacrum seen
+    there (a chain shifted by a level or more)."""
+    marks = rect.landmarks
+    if marks is None or not chain.levels:
+        return ""
+    if not anchor_in_view(marks, rect.step_mm):
+        return UNANCHORED_REASON
+    return contradiction(marks, chain.positions, [labels.levels[lvl] for lvl in chain.levels])
 
 
 def locate(
