@@ -16,6 +16,7 @@ if not hasattr(slicer, "vtkMRMLScene"):
 
 import spine_scene  # noqa: E402
 import vtk  # noqa: E402
+from VertebraIDLib.engine.vertebrae import Vertebra  # noqa: E402
 from VertebraIDLib.errors import VertebraIDError  # noqa: E402
 from VertebraIDLib.slicer import logic as VID  # noqa: E402
 from VertebraIDLib.slicer import mrml, review  # noqa: E402
@@ -37,6 +38,12 @@ def test_check_reasons_name_where_labelling_goes_wrong():
     assert review.check_reason("T6") == "weak evidence"
     assert review.row_reason("L1", 0.3, False) == "lowest rib?"
     assert review.row_reason("L1", 0.3, True) == "" and review.row_reason("L1", 0.9, False) == ""
+    # a flagged label's description carries its own reason, and the row shows it
+    flagged = Vertebra("T6", [0.0, 0.0, 0.0], 0.8).flagged("L1 carries a rib on the CT: check the lowest rib")
+    assert flagged.confidence_text == "confidence 0.49 (check: L1 carries a rib on the CT: check the lowest rib)"
+    assert mrml.parse_confidence(flagged.confidence_text) == 0.49
+    assert review.row_reason("T6", 0.49, False, flagged.confidence_text) == "L1 carries a rib on the CT: check the lowest rib"
+    assert review.row_reason("T6", 0.3, False, "confidence 0.30 (check)") == "weak evidence"
 
 
 def test_shifting_one_label():

@@ -49,8 +49,11 @@ class Vertebra:
 
     @property
     def confidence_text(self) -> str:
-        """What markups descriptions say: 'confidence 0.32 (check)'."""
-        return f"confidence {float(self.confidence):.2f}" + (" (check)" if self.needs_check else "")
+        """What markups descriptions say: 'confidence 0.32 (check)', with the reason when it was flagged."""
+        if not self.needs_check:
+            return f"confidence {float(self.confidence):.2f}"
+        reason = self.extra.get("flagged")
+        return f"confidence {float(self.confidence):.2f} (check{': ' + reason if reason else ''})"
 
 
 def sort_by_level(vertebrae: list[Vertebra]) -> list[Vertebra]:

@@ -661,7 +661,7 @@ class VertebraIDLogic(ScriptedLoadableModuleLogic):
             position = np.array(points_node.GetNthControlPointPositionWorld(i), float)
             is_added = len(added) > 0 and float(np.min(np.linalg.norm(added - position, axis=1))) < ADDED_POINT_RADIUS_MM
             rows.append(review.VertebraRow(i, points_node.GetNthControlPointID(i), label, confidence, locked, position,
-                                           review.row_reason(label, confidence, locked), is_added))
+                                           review.row_reason(label, confidence, locked, description), is_added))
         return review.order_rows(rows)
 
     def set_point_label(self, points_node, point_id: str, label: str) -> None:

@@ -13,6 +13,7 @@ The Widget only draws these; the Logic (`logic.py`) applies them to the MRML nod
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,11 +106,13 @@ def order_rows(rows: list[VertebraRow]) -> list[VertebraRow]:
     return to_check + others
 
 
-def row_reason(label: str, confidence: float | None, locked: bool) -> str:
-    """A row's reason to check, or '' (locked points and confident labels need none)."""
+def row_reason(label: str, confidence: float | None, locked: bool, description: str = "") -> str:
+    """A row's reason to check, or '' (locked points and confident labels need none): the one its
+    description gives ('confidence 0.49 (check: <reason>)'), else where the label sits."""
     if locked or confidence is None or confidence >= CHECK_BELOW_CONFIDENCE:
         return ""
-    return check_reason(label)
+    given = re.search(r"\(check: (.+)\)\s*$", description or "")
+    return given.group(1) if given else check_reason(label)
 
 
 # --------------------------------------------------------------------------- added points
