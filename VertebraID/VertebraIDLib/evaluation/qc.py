@@ -215,6 +215,15 @@ def _projection_views(volume: Volume, step_mm: float):
     return ras.array.max(axis=1).T, ras.array.max(axis=0).T, axes
 
 
+def _suptitle(fig, title: str | None, result) -> None:
+    """The title, and in red why every label is to be checked when the whole chain was flagged."""
+    why = next((v.extra["flagged"] for v in result.vertebrae if v.needs_check and v.extra.get("flagged")), "")
+    if why:
+        fig.suptitle(f"{title + ': ' if title else ''}check every label ({why})", color=CHECK_COLOR)
+    elif title:
+        fig.suptitle(title)
+
+
 def result_figure(result, ct: Volume | None = None, title: str | None = None):
     """The pipeline at a glance: Ĝ with centreline and labels, the straightened spine, 1-D signals.
 
@@ -261,8 +270,7 @@ def result_figure(result, ct: Volume | None = None, title: str | None = None):
         for ax in axes[2:]:
             ax.text(0.5, 0.5, "no spine found", ha="center", va="center", transform=ax.transAxes)
             ax.set_axis_off()
-        if title:
-            fig.suptitle(title)
+        _suptitle(fig, title, result)
         return fig
     t_mm = np.arange(len(rect.combined_signal)) * rect.step_mm
     side = rect.combined.max(axis=1).T  # (Z, X); columns flipped below so anterior is on the left
@@ -295,7 +303,6 @@ def result_figure(result, ct: Volume | None = None, title: str | None = None):
     signal_ax.set_xlabel("activation (blob heights)")
     labeller = " + level labeller" if rect.level_signals is not None else ""
     signal_ax.set_title(f"1-D signals{labeller}, {result.method} (energy {result.energy:.1f})")
-    if title:
-        fig.suptitle(title)
+    _suptitle(fig, title, result)
     fig.tight_layout()
     return fig
