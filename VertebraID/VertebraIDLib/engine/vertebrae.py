@@ -48,11 +48,16 @@ class Vertebra:
                         {**self.extra, "flagged": reason})
 
     @property
+    def flag_reason(self) -> str:
+        """Why this label was flagged with its whole chain (`flagged`), or '' (not flagged, or a user's point)."""
+        return self.extra.get("flagged", "") if self.needs_check else ""
+
+    @property
     def confidence_text(self) -> str:
         """What markups descriptions say: 'confidence 0.32 (check)', with the reason when it was flagged."""
         if not self.needs_check:
             return f"confidence {float(self.confidence):.2f}"
-        reason = self.extra.get("flagged")
+        reason = self.flag_reason
         return f"confidence {float(self.confidence):.2f} (check{': ' + reason if reason else ''})"
 
 

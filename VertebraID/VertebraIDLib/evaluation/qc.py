@@ -217,7 +217,7 @@ def _projection_views(volume: Volume, step_mm: float):
 
 def _suptitle(fig, title: str | None, result) -> None:
     """The title, and in red why every label is to be checked when the whole chain was flagged."""
-    why = next((v.extra["flagged"] for v in result.vertebrae if v.needs_check and v.extra.get("flagged")), "")
+    why = next((v.flag_reason for v in result.vertebrae if v.flag_reason), "")
     if why:
         fig.suptitle(f"{title + ': ' if title else ''}check every label ({why})", color=CHECK_COLOR)
     elif title:

@@ -94,7 +94,7 @@ def detect_case(ct_path: Path, case: str, model: Model, settings: EngineSettings
     count = len(result.vertebrae)
     fixed = f", {len(constraints)} kept as fixed" if constraints else ""
     to_check = [v.label for v in result.vertebrae if v.needs_check]
-    why = sorted({v.extra["flagged"] for v in result.vertebrae if v.needs_check and v.extra.get("flagged")})
+    why = sorted({v.flag_reason for v in result.vertebrae} - {""})
     check = (f"; check {' '.join(to_check)} (confidence < {CHECK_BELOW_CONFIDENCE:g}{': ' if why else ''}{'; '.join(why)})"
              if to_check else "")
     return f"{case}: {count} {'vertebra' if count == 1 else 'vertebrae'} ({labels}){fixed}{check}"

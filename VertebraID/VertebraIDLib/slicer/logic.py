@@ -91,7 +91,7 @@ class DetectRun:
     @property
     def to_check(self) -> list[tuple[str, str]]:
         """(label, reason) of every label more likely wrong than right."""
-        return [(v.label, v.extra.get("flagged") or review.check_reason(v.label))
+        return [(v.label, v.flag_reason or review.check_reason(v.label))
                 for v in self.result.vertebrae if v.needs_check]
 
     def summary(self) -> str:
