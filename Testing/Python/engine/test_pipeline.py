@@ -215,3 +215,23 @@ def test_engine_settings_have_one_name_each_and_read_a_models_table():
         settings.updated(alpha=1.0)
     with pytest.raises(VertebraIDError):
         EngineSettings().with_metadata({"engine": {"evidence_weight": -5.0}})
+
+
+def test_a_vertebra_the_maps_missed_is_placed_between_its_neighbours_not_on_a_stray_blob():
+    case = simulate_case(5, spacing_mm=2.0, difficulty="clean", levels=("T6", "S1"))
+    maps = case.heatmaps
+    array = maps.array.copy()
+    missed = next(v for v in case.truth if v.label == "L1")
+    array[..., LEVELS_26.index("L1")] = 0.0
+    # a faint stray blob (a rib head, a screw) 14 mm beside the missed body, too faint to bend the centreline
+    above, below = (v.position for v in case.truth if v.label in ("T12", "L2"))
+    along = (below - above) / np.linalg.norm(below - above)
+    aside = np.cross(along, [0.0, 1.0, 0.0])
+    stray = missed.position + 14.0 * aside / np.linalg.norm(aside)
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in maps.shape3], indexing="ij"), axis=-1).reshape(-1, 3)
+    distance = np.linalg.norm(maps.voxel_to_world(ijk) - stray, axis=1).reshape(maps.shape3)
+    array[..., LEVELS_26.index("T9")] += 0.15 * np.exp(-0.5 * (distance / 4.0) ** 2).astype(np.float32)
+    result = locate(Volume(array, maps.affine))
+    placed = {v.label: v.position for v in result.vertebrae}
+    assert [v.label for v in result.vertebrae] == case.labels
+    assert np.linalg.norm(placed["L1"] - missed.position) < 8.0

@@ -337,14 +337,42 @@ def _in_plane_peak(plane: np.ndarray, half_width: int, step_mm: float, radius_mm
     return float((xx[sl] * w).sum() / w.sum()), float((yy[sl] * w).sum() / w.sum())
 
 
+#: A chain position where its level's map is below this fraction of the chain's median has no blob of its
+#: own (a missed or metal-hidden vertebra placed by the order and spacing).
+OWN_BLOB_FRACTION = 0.3
+#: Such a vertebra keeps its own plane's peak only within this distance of its neighbours' in-plane offset.
+STRAY_PEAK_MM = 10.0
+
+
+def _has_own_blob(heights: np.ndarray) -> np.ndarray:
+    typical = float(np.median(heights)) if heights.size else 0.0
+    return heights >= OWN_BLOB_FRACTION * typical if typical > 0 else np.ones(heights.size, bool)
+
+
 def chain_to_vertebrae(rect, chain, labels, confidences=None) -> list[Vertebra]:
-    """Map each labelled position on the straightened axis back to RAS, refined in its plane."""
-    out = []
+    """Map each labelled position on the straightened axis back to RAS, refined in its plane.
+
+    A vertebra the maps missed takes its in-plane offset from its neighbours': the brightest spot of
+    its own plane would be a neighbour's tail or a false positive, often more than 20 mm off the body.
+    """
     hw = rect.grid.half_width
-    for i, (lvl, k) in enumerate(zip(chain.levels, chain.positions)):
-        z = _refine_peak(rect.combined_signal, int(k))
-        plane = rect.combined[:, :, int(round(z))]
-        x, y = _in_plane_peak(plane, hw, rect.step_mm)
+    signal = rect.combined_signal
+    # each level's own map at its place (Ĝ for T13/L6, which have none): a stray blob lights Ĝ, not the level
+    heights = np.array([signal[int(k)] if labels.channel(labels.levels[lvl]) is None
+                        else rect.signals[int(k), labels.channel(labels.levels[lvl])]
+                        for lvl, k in zip(chain.levels, chain.positions)], float)
+    own_blob = _has_own_blob(heights) & _has_own_blob(np.array([signal[int(k)] for k in chain.positions], float))
+    axis = np.array([_refine_peak(signal, int(k)) for k in chain.positions], float)
+    offsets = np.array([_in_plane_peak(rect.combined[:, :, int(round(z))], hw, rect.step_mm) for z in axis],
+                       float).reshape(-1, 2)
+    if own_blob.any() and not own_blob.all():
+        expected = np.stack([np.interp(axis, axis[own_blob], offsets[own_blob, d]) for d in range(2)], axis=1)
+        seen_at = axis[own_blob]
+        between = (axis > seen_at.min()) & (axis < seen_at.max())  # the ends' offsets cannot be interpolated
+        astray = ~own_blob & between & (np.linalg.norm(offsets - expected, axis=1) * rect.step_mm > STRAY_PEAK_MM)
+        offsets[astray] = expected[astray]
+    out = []
+    for i, (lvl, z, (x, y)) in enumerate(zip(chain.levels, axis, offsets)):
         position = rect.grid.to_world(np.array(x), np.array(y), np.array(z))
         conf = 1.0 if confidences is None else confidences[i]
         out.append(Vertebra(labels.levels[lvl], position, conf, extra={"axis_index": float(z)}))
