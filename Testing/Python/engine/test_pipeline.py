@@ -7,7 +7,14 @@ from VertebraIDLib.engine.anatomy import LEVELS_26
 from VertebraIDLib.engine.corrections import Constraint
 from VertebraIDLib.engine.evidence import Evidence
 from VertebraIDLib.engine.landmarks import Landmarks
-from VertebraIDLib.engine.pipeline import UNANCHORED_REASON, locate, prepare, solve
+from VertebraIDLib.engine.optimize import Chain
+from VertebraIDLib.engine.pipeline import (
+    UNANCHORED_REASON,
+    _refined_axis,
+    locate,
+    prepare,
+    solve,
+)
 from VertebraIDLib.engine.progress import Cancelled
 from VertebraIDLib.engine.settings import EngineSettings
 from VertebraIDLib.engine.volume import Volume
@@ -235,3 +242,16 @@ def test_a_vertebra_the_maps_missed_is_placed_between_its_neighbours_not_on_a_st
     placed = {v.label: v.position for v in result.vertebrae}
     assert [v.label for v in result.vertebrae] == case.labels
     assert np.linalg.norm(placed["L1"] - missed.position) < 8.0
+
+
+def test_refining_positions_to_the_peaks_never_draws_two_labels_closer_than_the_optimiser_allowed():
+    labels = EngineSettings().labels
+    # one broad blob between two labels the optimiser put 4 samples (16 mm) apart, at its bound for T3-T4
+    signal = np.exp(-0.5 * ((np.arange(30) - 10.0) / 2.5) ** 2)
+    chain = Chain([labels.index("T3"), labels.index("T4")], [8, 12], 0.0)
+    assert np.ptp(_refined_axis(signal, chain, labels, 4.0, None)) < 3.0  # both drawn onto the blob
+    axis = _refined_axis(signal, chain, labels, 4.0, 0.7)
+    assert list(axis) == [8.0, 12.0]
+    # a lone label still moves onto its peak
+    single = Chain([labels.index("T3")], [9], 0.0)
+    assert abs(_refined_axis(signal, single, labels, 4.0, 0.7)[0] - 10.0) < 0.6

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import VertebraIDError
 from . import optimize as opt
-from .anatomy import LEVELS_26, NUM_CHANNELS
+from .anatomy import LEVELS_26, NUM_CHANNELS, typical_gap_mm
 from .centerline import Centerline, curve_through_samples, trace_centerline
 from .corrections import (
     Constraint,
@@ -211,7 +211,7 @@ def solve(
             confidences = opt.chain_confidence(prob, chain, radius)
             timings["confidence"] = time.perf_counter() - t1
         t1 = time.perf_counter()
-        vertebrae = chain_to_vertebrae(rect, chain, labels, confidences)
+        vertebrae = chain_to_vertebrae(rect, chain, labels, confidences, model.params.gap_fraction_min)
         if confidences is not None and not constraints:
             doubt = _reason_to_doubt(rect, chain, labels)
             if doubt:
@@ -345,15 +345,33 @@ STRAY_PEAK_MM = 10.0
 
 
 def _has_own_blob(heights: np.ndarray) -> np.ndarray:
+    """Per chain vertebra: whether its height reaches OWN_BLOB_FRACTION of the chain's median."""
     typical = float(np.median(heights)) if heights.size else 0.0
     return heights >= OWN_BLOB_FRACTION * typical if typical > 0 else np.ones(heights.size, bool)
 
 
-def chain_to_vertebrae(rect, chain, labels, confidences=None) -> list[Vertebra]:
+def _refined_axis(signal: np.ndarray, chain, labels, step_mm: float, gap_fraction_min: float | None) -> np.ndarray:
+    """Each chain position moved to its Ĝ peak (sub-sample), except where that would bring two labels
+    closer than the optimiser allowed (two labels drawn onto one blob): those keep the chain's."""
+    positions = np.array(chain.positions, float)
+    axis = np.array([_refine_peak(signal, int(k)) for k in chain.positions], float)
+    if gap_fraction_min is None or len(axis) < 2:
+        return axis
+    shortest = np.array([gap_fraction_min * typical_gap_mm(labels.levels[lvl]) / step_mm for lvl in chain.levels[:-1]])
+    for _ in range(len(axis)):
+        too_close = np.flatnonzero(np.diff(axis) < np.minimum(shortest, np.diff(positions)) - 1e-6)
+        if too_close.size == 0:
+            break
+        axis[too_close], axis[too_close + 1] = positions[too_close], positions[too_close + 1]
+    return axis
+
+
+def chain_to_vertebrae(rect, chain, labels, confidences=None, gap_fraction_min: float | None = None) -> list[Vertebra]:
     """Map each labelled position on the straightened axis back to RAS, refined in its plane.
 
     A vertebra the maps missed takes its in-plane offset from its neighbours': the brightest spot of
     its own plane would be a neighbour's tail or a false positive, often more than 20 mm off the body.
+    With `gap_fraction_min`, the refinement along the axis keeps the optimiser's shortest-gap bound.
     """
     hw = rect.grid.half_width
     signal = rect.combined_signal
@@ -362,7 +380,7 @@ def chain_to_vertebrae(rect, chain, labels, confidences=None) -> list[Vertebra]:
                         else rect.signals[int(k), labels.channel(labels.levels[lvl])]
                         for lvl, k in zip(chain.levels, chain.positions)], float)
     own_blob = _has_own_blob(heights) & _has_own_blob(np.array([signal[int(k)] for k in chain.positions], float))
-    axis = np.array([_refine_peak(signal, int(k)) for k in chain.positions], float)
+    axis = _refined_axis(signal, chain, labels, rect.step_mm, gap_fraction_min)
     offsets = np.array([_in_plane_peak(rect.combined[:, :, int(round(z))], hw, rect.step_mm) for z in axis],
                        float).reshape(-1, 2)
     if own_blob.any() and not own_blob.all():
