@@ -71,6 +71,17 @@ def test_the_labeller_maps_any_spine_length_to_26_signals():
         lab.LabellerConfig.from_dict({"depth": 3})
 
 
+def test_a_bone_only_labeller_reads_bone_alone_and_its_floor_is_stored():
+    config = lab.LabellerConfig(bone_floor=0.3)
+    x = np.array([0.0, 0.2, 0.3, 0.65, 1.0], np.float32)  # outside, soft tissue, bone floor, bone, dense bone
+    assert np.allclose(lab.bone_view(x, config), [0.0, 0.0, 0.0, 0.5, 1.0])
+    assert lab.bone_view(x, lab.LabellerConfig()) is x
+    assert lab.LabellerConfig.from_dict(config.to_dict()) == config
+    assert lab.LabellerConfig.from_dict({k: v for k, v in config.to_dict().items() if k != "bone_floor"}).bone_floor == 0
+    with pytest.raises(VertebraIDError, match="configuration is invalid"):
+        lab.LabellerConfig(bone_floor=1.0)
+
+
 @pytest.mark.slow
 def test_training_fits_its_samples(tmp_path):
     """A few hundred steps on two phantoms lower the loss on them (steps, not time, end this run)."""
@@ -215,6 +226,12 @@ def test_train_labeller_command_refuses_bad_input(tmp_path, capsys):
     assert cli_main(["train-labeller", "--model", str(model_path), "--samples", str(tmp_path / "s"),
                      "--fine-tune"]) != 0
     assert "has no level labeller to fine-tune" in capsys.readouterr().err
+    assert cli_main(["train-labeller", "--model", str(model_path), "--samples", str(tmp_path / "s"),
+                     "--bone-floor", "5000"]) != 0
+    assert "bone floor must lie inside the model's HU window" in capsys.readouterr().err
+    assert cli_main(["train-labeller", "--model", str(model_path), "--samples", str(tmp_path / "s"),
+                     "--phantom-share", "0"]) != 0
+    assert "share of the training steps" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
 
 

@@ -22,6 +22,10 @@ def register(subparsers) -> None:
                         help="label maps of real anatomy (.nii.gz with <name>_labels.json beside it) to render CTs from")
     parser.add_argument("--renders", type=int, default=300, help="CTs rendered per label map (default 300)")
     parser.add_argument("--fine-tune", action="store_true", help="continue from the model's current labeller")
+    parser.add_argument("--bone-floor", type=float, default=None, metavar="HU",
+                        help="read bone only: HU below this are blanked in the labeller's input (e.g. 150)")
+    parser.add_argument("--phantom-share", type=float, default=0.5,
+                        help="share of the training steps on phantoms when label maps are given (default 0.5)")
     parser.add_argument("--minutes", type=float, default=30.0, help="training time (default 30)")
     parser.add_argument("--seed", type=int, default=0, help="training random seed")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
@@ -35,5 +39,6 @@ def run(args) -> int:
         raise VertebraIDError("--threads must not be negative.")
     train_for_model(args.model, args.samples, args.phantoms, args.minutes, args.seed, args.attach,
                     log=lambda message: print(message, flush=True), threads=args.threads,
-                    labelmaps=args.labelmaps, renders=args.renders, fine_tune=args.fine_tune)
+                    labelmaps=args.labelmaps, renders=args.renders, fine_tune=args.fine_tune,
+                    bone_floor_hu=args.bone_floor, phantom_share=args.phantom_share)
     return 0

@@ -43,6 +43,9 @@ class LabellerConfig:
     features: tuple = (16, 32, 64, 64)  # 3-D encoder filters (in-plane stride 2 but the last)
     hidden: int = 96  # 1-D channels along the spine
     dilations: tuple = (1, 2, 4, 8, 16, 32, 1, 2, 4, 8)
+    # Windowed values below this read as 0 and the rest is stretched to [0, 1]: a bone-only view, the
+    # same on phantoms and real CTs whatever their soft tissue looks like (0: the whole window)
+    bone_floor: float = 0.0
 
     def __post_init__(self):
         try:
@@ -51,7 +54,7 @@ class LabellerConfig:
             ok = (int(self.half_width) >= 4 and float(self.step_mm) > 0 and float(self.sigma_mm) > 0
                   and len(features) >= 2 and min(features) >= 4 and int(self.hidden) >= 8
                   and int(self.hidden) % 8 == 0 and min(f % 4 for f in features) == 0
-                  and len(dilations) >= 1 and min(dilations) >= 1)
+                  and len(dilations) >= 1 and min(dilations) >= 1 and 0.0 <= float(self.bone_floor) < 1.0)
         except (TypeError, ValueError):
             ok = False
         if not ok:
@@ -112,6 +115,13 @@ def build_labeller(config: LabellerConfig = LabellerConfig()):
 # --------------------------------------------------------------------------- straightening
 
 
+def bone_view(x: np.ndarray, config: LabellerConfig) -> np.ndarray:
+    """The labeller's input from a straightened windowed CT: only bone, when `config.bone_floor` says so."""
+    if config.bone_floor <= 0:
+        return x
+    return np.clip((x - config.bone_floor) / (1.0 - config.bone_floor), 0.0, 1.0).astype(np.float32)
+
+
 def straighten_image(image: Volume, centerline: Centerline, config: LabellerConfig = LabellerConfig()) -> np.ndarray:
     """The windowed CT in the centreline's normal planes: (X, Y, Z) float32, 0 outside the scan."""
     if abs(centerline.step_mm - config.step_mm) > 1e-6:
@@ -132,7 +142,7 @@ def level_signals(network, image: Volume, centerline: Centerline, config: Labell
 
     same_step = abs(centerline.step_mm - config.step_mm) < 1e-6
     line = centerline if same_step else polyline_centerline(centerline.points, config.step_mm)
-    x = straighten_image(image, line, config)
+    x = bone_view(straighten_image(image, line, config), config)
     device = device or next(network.parameters()).device
     with torch.inference_mode():
         logits = network(torch.from_numpy(np.ascontiguousarray(x))[None, None].to(device))

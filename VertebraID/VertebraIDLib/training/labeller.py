@@ -30,7 +30,12 @@ from ..networks.bundle import (
     read_model_metadata,
     save_labeller,
 )
-from ..networks.labeller import LabellerConfig, build_labeller, straighten_image
+from ..networks.labeller import (
+    LabellerConfig,
+    bone_view,
+    build_labeller,
+    straighten_image,
+)
 from ..networks.preprocess import preprocess
 from ..synthetic.labelmap_ct import LabelMap, read_labelmap, vertebra_centres
 from ..synthetic.phantom import generate_phantom
@@ -194,6 +199,7 @@ def train_labeller(sample_files, config: LabellerConfig, minutes: float, seed: i
         pool = pools[names[int(rng.choice(len(names), p=shares))]]
         x, pairs = pool[int(rng.integers(len(pool)))]
         x, pairs = _augment(x.astype(np.float32) / 255.0, pairs, rng)
+        x = bone_view(x, config)
         target = torch.from_numpy(target_signals(pairs, x.shape[2], config))[None]
         done = elapsed / total_s if max_steps is None else max(elapsed / total_s, step / max_steps)
         lr = learning_rate * min(1.0, (step + 1) / 100) * 0.5 * (1 + np.cos(np.pi * done))
@@ -221,14 +227,16 @@ def train_labeller(sample_files, config: LabellerConfig, minutes: float, seed: i
 
 def train_for_model(model_path: PathLike, samples: PathLike, phantoms: int = 2000, minutes: float = 30.0,
                     seed: int = 0, attach: bool = False, log: Callable = print, threads: int = 0,
-                    labelmaps=(), renders: int = 0, fine_tune: bool = False) -> tuple[Path, dict]:
+                    labelmaps=(), renders: int = 0, fine_tune: bool = False, bone_floor_hu: float | None = None,
+                    phantom_share: float = 0.5) -> tuple[Path, dict]:
     """The whole recipe for a heatmap model: samples on its grid and HU window, training,
     `<model>_labeller.safetensors` beside it and, with `attach`, its entry in the model's metadata.
 
     Samples: phantoms (seeds 0..phantoms-1, in `samples`) and, for each label map of real anatomy in
-    `labelmaps`, `renders` CTs rendered from it (in `samples/<label map name>`); phantoms take half
-    of the training steps and the label maps share the other half. `fine_tune` continues from the
-    labeller the model already has. `threads`: torch CPU threads (0: torch's default)."""
+    `labelmaps`, `renders` CTs rendered from it (in `samples/<label map name>`); phantoms take
+    `phantom_share` of the training steps and the label maps share the rest. `fine_tune` continues
+    from the labeller the model already has. `bone_floor_hu`: the labeller reads bone only (HU below
+    it blanked; `LabellerConfig.bone_floor`). `threads`: torch CPU threads (0: torch's default)."""
     import torch
 
     if isinstance(threads, bool) or int(threads) < 0:
@@ -239,16 +247,25 @@ def train_for_model(model_path: PathLike, samples: PathLike, phantoms: int = 200
         raise VertebraIDError("The number of phantoms and the training minutes must be positive.")
     if isinstance(renders, bool) or int(renders) < 0 or (labelmaps and int(renders) < 1):
         raise VertebraIDError("Give a positive number of renders per label map.")
+    if not 0.0 < float(phantom_share) <= 1.0:
+        raise VertebraIDError("The phantoms' share of the training steps must be above 0 and at most 1.")
     weights, _ = model_paths(model_path)
     meta = read_model_metadata(weights)
+    window = meta["normalization"]["hu_window"]
+    floor = 0.0
+    if bone_floor_hu is not None:
+        floor = (float(bone_floor_hu) - window[0]) / (window[1] - window[0])
+        if not 0.0 < floor < 1.0:
+            raise VertebraIDError(f"The bone floor must lie inside the model's HU window ({window[0]:g} to {window[1]:g}).")
     start_from = None
     if fine_tune:
         if meta.get("level_labeller") is None:
             raise VertebraIDError(f"The model '{weights.name}' has no level labeller to fine-tune.")
         start_from, config = load_labeller(meta["level_labeller"], weights.parent, "cpu")
+        if bone_floor_hu is not None and abs(config.bone_floor - floor) > 1e-9:
+            raise VertebraIDError("A fine-tuned labeller keeps the bone floor it was trained with.")
     else:
-        config = LabellerConfig()
-    window = meta["normalization"]["hu_window"]
+        config = LabellerConfig(bone_floor=floor)
     spacing = float(min(meta["spacing_mm"]))
 
     def counter(kind):
@@ -257,19 +274,20 @@ def train_for_model(model_path: PathLike, samples: PathLike, phantoms: int = 200
                 log(f"{kind} samples {done}/{total}")
         return show
 
+    label_share = (1.0 - float(phantom_share)) / max(len(labelmaps), 1)
     sources = {"phantoms": (prepare_samples(samples, range(int(phantoms)), config, window, spacing,
-                                            counter("phantom")), 1.0)}
+                                            counter("phantom")), float(phantom_share) if labelmaps else 1.0)}
     for path in labelmaps:
         labelmap = read_labelmap(path)
         name = labelmap.name
         files = prepare_samples(Path(samples) / name, range(int(renders)), config, window, spacing,
                                 counter(name), labelmap=labelmap)
-        sources[name] = (files, 1.0 / len(labelmaps))
+        sources[name] = (files, label_share)
     network, record = train_labeller(None, config, minutes, seed, log=log, groups=sources, start_from=start_from)
     data = [f"phantoms, seeds 0..{int(phantoms) - 1}, rendered at 2 or 3 mm"]
     data += [f"{int(renders)} CTs rendered from the label map {name} (deformed, imaged at 2 or 3 mm)"
              for name in sources if name != "phantoms"]
-    record.update({"data": "; ".join(data), "threads": torch.get_num_threads()})
+    record.update({"data": "; ".join(data), "threads": torch.get_num_threads(), "bone_floor_hu": bone_floor_hu})
     out = weights.with_name(f"{weights.stem}_labeller.safetensors")
     entry = save_labeller(network, config, out, record)
     log(f"labeller -> {out}")
