@@ -375,11 +375,13 @@ def chain_to_vertebrae(rect, chain, labels, confidences=None, gap_fraction_min: 
     """
     hw = rect.grid.half_width
     signal = rect.combined_signal
+    at = np.asarray(chain.positions, int)
+    combined_heights = signal[at]
     # each level's own map at its place (Ĝ for T13/L6, which have none): a stray blob lights Ĝ, not the level
-    heights = np.array([signal[int(k)] if labels.channel(labels.levels[lvl]) is None
-                        else rect.signals[int(k), labels.channel(labels.levels[lvl])]
-                        for lvl, k in zip(chain.levels, chain.positions)], float)
-    own_blob = _has_own_blob(heights) & _has_own_blob(np.array([signal[int(k)] for k in chain.positions], float))
+    channels = [labels.channel(labels.levels[lvl]) for lvl in chain.levels]
+    own_heights = np.array([g if c is None else rect.signals[k, c] for k, c, g in zip(at, channels, combined_heights)],
+                           float)
+    own_blob = _has_own_blob(own_heights) & _has_own_blob(combined_heights)
     axis = _refined_axis(signal, chain, labels, rect.step_mm, gap_fraction_min)
     offsets = np.array([_in_plane_peak(rect.combined[:, :, int(round(z))], hw, rect.step_mm) for z in axis],
                        float).reshape(-1, 2)

@@ -276,7 +276,7 @@ def train_for_model(model_path: PathLike, samples: PathLike, phantoms: int = 200
 
     label_share = (1.0 - float(phantom_share)) / max(len(labelmaps), 1)
     sources = {"phantoms": (prepare_samples(samples, range(int(phantoms)), config, window, spacing,
-                                            counter("phantom")), float(phantom_share) if labelmaps else 1.0)}
+                                            counter("phantom")), float(phantom_share))}
     for path in labelmaps:
         labelmap = read_labelmap(path)
         name = labelmap.name
